@@ -1,0 +1,1 @@
+"""Sub-commands of the hvdscale CLI (see hvdscale/cli.py)."""

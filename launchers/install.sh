@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# hvdscale's one install path (README, CI and the Dockerfile all call it).
+#
+#   launchers/install.sh [--gpu] [--no-apt] [--force] [--cuda-arch "80;90"]
+#
+# Creates .venv/ at the repository root with pinned torch, TensorFlow, Horovod 0.28.1
+# (built from its sdist with launchers/patch_horovod.sh), mpi4py, DALI and hvdscale itself.
+# The built Horovod wheel is cached outside the repository, keyed by the versions and the
+# patch, so a second install reuses it. Idempotent: a complete, up-to-date .venv is left
+# alone. On any failure the .venv is removed and one line names the step that failed.
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+CONSTRAINTS="$ROOT/launchers/constraints.txt"
+PATCH="$ROOT/launchers/patch_horovod.sh"
+STAMP="$VENV/.hvdscale-install-complete"
+CACHE="${HVDSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdscale}"
+LOG="$ROOT/.install.log"
+PYTHON="${PYTHON:-python3}"
+
+GPU=0; APT=1; FORCE=0; CUDA_ARCH="${HVDSCALE_CUDA_ARCH:-70;80;90}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --gpu) GPU=1 ;;
+        --no-apt) APT=0 ;;
+        --force) FORCE=1 ;;
+        --cuda-arch) CUDA_ARCH="$2"; shift ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+STEP="start"
+PACKAGE="-"
+CREATED_VENV=0
+on_error() {
+    local rc=$?
+    trap - ERR
+    echo "---- last lines of $LOG ----" >&2
+    tail -n 25 "$LOG" >&2 2>/dev/null || true
+    # Never leave a half-made environment that later looks usable.
+    if [ "$CREATED_VENV" = 1 ] || [ ! -f "$STAMP" ]; then rm -rf "$VENV"; fi
+    echo "install.sh: FAILED at step '$STEP' (package: $PACKAGE, exit $rc); full log: $LOG" >&2
+    exit "$rc"
+}
+trap on_error ERR
+
+step() { STEP="$1"; PACKAGE="${2:--}"; echo "==> [$(date +%H:%M:%S)] $1${2:+ ($2)}"; }
+pin() { grep -E "^$1==" "$CONSTRAINTS" | head -n1 | cut -d= -f3; }
+run() { "$@" >>"$LOG" 2>&1; }
+
+: >"$LOG"
+MODE=$([ "$GPU" = 1 ] && echo gpu || echo cpu)
+# What the finished venv must match: pins, this script, the patch, setup.cfg, the mode.
+WANT=$(cat "$CONSTRAINTS" "$0" "$PATCH" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)-$MODE
+
+if [ "$FORCE" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+    echo "install.sh: $VENV is complete and up to date ($WANT); nothing to do"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------
+step "system packages" "apt: build-essential cmake libopenmpi-dev openmpi-bin dataset-fashion-mnist"
+APT_PKGS=(build-essential cmake libopenmpi-dev openmpi-bin dataset-fashion-mnist
+          shellcheck iproute2 openssh-server openssh-client procps)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$APT" = 0 ]; then
+        echo "install.sh: missing system packages (${missing[*]}) and --no-apt given" >&2; false
+    fi
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    PACKAGE="apt: ${missing[*]}"
+    run $SUDO apt-get update
+    run env DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# ---------------------------------------------------------------------------------------
+step "virtual environment" "$VENV"
+rm -f "$STAMP"
+if [ ! -x "$VENV/bin/python" ]; then
+    rm -rf "$VENV"
+    CREATED_VENV=1
+    run "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+[ -d /opt/wheels ] && PIP_LOCAL=(--find-links /opt/wheels) || PIP_LOCAL=()
+PIPI=("${PIP[@]}" install -c "$CONSTRAINTS" "${PIP_LOCAL[@]}")
+run "${PIP[@]}" install -c "$CONSTRAINTS" pip setuptools wheel
+
+TORCH_V=$(pin torch); TF_V=$(pin tensorflow); HVD_V=$(pin horovod); DALI_V=$(pin nvidia-dali-cuda130)
+if [ "$GPU" = 1 ]; then
+    TORCH_REQ="torch==$TORCH_V"; TF_REQ="tensorflow==$TF_V"
+else
+    # The CPU build, never the multi-GB CUDA one.
+    TORCH_REQ="torch==$TORCH_V+cpu"; TF_REQ="tensorflow-cpu==$TF_V"
+fi
+
+step "deep-learning frameworks" "$TORCH_REQ $TF_REQ"
+run "${PIPI[@]}" "$TORCH_REQ" "$TF_REQ" tf_keras numpy
+
+step "python dependencies" "hvdscale[dev] requirements"
+run "${PIPI[@]}" -e "$ROOT[dev]"
+
+step "mpi4py" "mpi4py (built against the system MPI)"
+run "${PIPI[@]}" --no-binary mpi4py mpi4py
+
+# ---------------------------------------------------------------------------------------
+step "horovod wheel" "horovod==$HVD_V"
+PYV=$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+MPI_V=$(mpirun --version 2>/dev/null | head -n1 | tr -cd '0-9.' || echo none)
+KEY=$(printf '%s\n' "horovod=$HVD_V" "torch=$TORCH_V" "tf=$TF_V" "py=$PYV" "mpi=$MPI_V" \
+      "mode=$MODE" "arch=$CUDA_ARCH" "$(sha256sum "$PATCH" | cut -c1-64)" | sha256sum | cut -c1-16)
+WHEEL_DIR="$CACHE/horovod-$HVD_V-$KEY"
+if ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+    echo "    cached wheel: $WHEEL_DIR"
+else
+    BUILD=$(mktemp -d)
+    run "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HVD_V" -d "$BUILD"
+    tar -xzf "$BUILD"/horovod-"$HVD_V".tar.gz -C "$BUILD"
+    run bash "$PATCH" "$BUILD/horovod-$HVD_V"
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+    export HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)"
+    if [ "$GPU" = 1 ]; then
+        export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST="${CUDA_ARCH//;/,}"
+        export HOROVOD_CUDA_ARCH_LIST="$CUDA_ARCH"
+    else
+        export HOROVOD_WITHOUT_GPU=1 HOROVOD_CPU_OPERATIONS=gloo
+    fi
+    echo "    building from source (several minutes on 2 cores); log: $LOG"
+    run "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$BUILD/wheel" "$BUILD/horovod-$HVD_V"
+    mkdir -p "$WHEEL_DIR.tmp"
+    cp "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR.tmp"/
+    rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"   # appears whole or not at all
+    rm -rf "$BUILD"
+fi
+run "${PIPI[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+# Horovod's own runtime requirements (not taken from the wheel to keep numpy/torch pinned).
+run "${PIPI[@]}" cloudpickle psutil pyyaml packaging
+
+# ---------------------------------------------------------------------------------------
+step "DALI" "nvidia-dali-cuda130==$DALI_V"
+run "${PIPI[@]}" "nvidia-dali-cuda130==$DALI_V"
+step "DALI TensorFlow plugin" "nvidia-dali-tf-plugin-cuda130==$DALI_V (compiles against TF)"
+run "${PIPI[@]}" --no-build-isolation "nvidia-dali-tf-plugin-cuda130==$DALI_V"
+
+# ---------------------------------------------------------------------------------------
+step "verify" "horovod.torch horovod.tensorflow"
+run "$VENV/bin/python" -c "import horovod.torch, horovod.tensorflow, mpi4py, nvidia.dali, hvdscale"
+"$VENV/bin/horovodrun" --check-build >>"$LOG" 2>&1
+for need in PyTorch TensorFlow Gloo MPI; do
+    PACKAGE="horovod built without $need"
+    grep -E "\[X\] $need" "$LOG" >/dev/null
+done
+echo "$WANT" >"$STAMP"
+trap - ERR
+echo "install.sh: done ($MODE); $VENV is ready. Next: make demo | make test"

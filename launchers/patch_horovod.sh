@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Source edits that let Horovod 0.28.1 (its last release) build against torch >= 2.1 and
+# TF >= 2.16 with Keras 3. The wheel cache key includes this file's hash, so any change
+# here forces a rebuild.
+#   usage: patch_horovod.sh SRC_DIR      (an unpacked horovod-0.28.1 sdist)
+set -euo pipefail
+src=${1:?usage: patch_horovod.sh HOROVOD_SRC_DIR}
+cd "$src"
+
+fail() { echo "patch_horovod: $*" >&2; exit 1; }
+
+# Replace a literal line; fail if the expected text is not there (a different Horovod
+# release must not be patched silently).
+replace_line() {  # file old new
+    grep -qxF -- "$2" "$1" || fail "expected line not found in $1: $2"
+    OLD="$2" NEW="$3" python3 - "$1" <<'PY'
+import os, sys
+path = sys.argv[1]
+old, new = os.environ["OLD"], os.environ["NEW"]
+lines = open(path).read().split("\n")
+open(path, "w").write("\n".join(new if l == old else l for l in lines))
+PY
+}
+
+# 1. torch >= 2.1 headers need C++17; the core must use the same standard or Gloo's
+#    symbols do not match at link time.
+replace_line CMakeLists.txt 'set(CMAKE_CXX_STANDARD 14)' 'set(CMAKE_CXX_STANDARD 17)'
+replace_line horovod/torch/CMakeLists.txt '    set(CMAKE_CXX_STANDARD 14)' '    set(CMAKE_CXX_STANDARD 17)'
+
+# 2. TF >= 2.16 moved the XLA headers; xla_mpi_ops.cc only serves GPU XLA, so drop it.
+replace_line horovod/tensorflow/CMakeLists.txt \
+    'list(APPEND TF_SOURCES "${PROJECT_SOURCE_DIR}/horovod/tensorflow/xla_mpi_ops.cc")' \
+    '# xla_mpi_ops.cc dropped by hvdscale (TF >= 2.16 moved the XLA headers)'
+
+# 3. Keras 3 is a separate package; Horovod's keras layer wants the tf.keras backend.
+for f in horovod/tensorflow/keras/__init__.py horovod/tensorflow/keras/callbacks.py; do
+    replace_line "$f" '    from keras import backend as K' '    from tensorflow.keras import backend as K'
+done
+echo "patch_horovod: 3 edits applied to $src"
