@@ -1,0 +1,40 @@
+# hvdscale: every target installs first (launchers/install.sh is idempotent and returns at
+# once when .venv is complete and up to date).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+HVDRUN  := $(VENV)/bin/horovodrun
+NP      ?= 2
+RECIPE  ?= pipelines/fashion_mnist_lamb.yaml
+PYTEST_ARGS ?=
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install install-gpu demo test test-fast doctor lint clean
+
+install:
+	bash launchers/install.sh
+
+install-gpu:
+	bash launchers/install.sh --gpu
+
+# The main job on the built-in data: the default recipe under horovodrun -np 2, torch then TF.
+demo: install
+	bash launchers/demo.sh $(NP) $(RECIPE)
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Everything but the multi-process jobs: a quick loop while editing.
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not multiproc and not slow" $(PYTEST_ARGS)
+
+doctor: install
+	$(VENV)/bin/hvdscale doctor
+
+lint:
+	shellcheck launchers/*.sh launchers/hvdscale-run .ci/run
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,151 @@
+"""`hvdscale doctor`: what a user runs first on a new node.
+
+Prints versions (Python, torch, TF, Horovod, DALI, MPI), Horovod's build flags (frameworks,
+controllers, tensor operations), the GPUs seen, and one verdict line. Each probe runs in its
+own guard so a broken framework is reported instead of crashing the report.
+"""
+import importlib
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--require", default="torch,tensorflow,gloo,mpi",
+                        help="comma list the verdict insists on (torch,tensorflow,gloo,mpi,nccl,dali)")
+
+
+def _version(module):
+    try:
+        mod = importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 -- any import failure is a finding to report
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return getattr(mod, "__version__", "unknown"), None
+
+
+def _mpi_version():
+    exe = shutil.which("mpirun")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def _horovod_build():
+    """Horovod's compiled-in capabilities, asked of the library itself (not of pip)."""
+    flags = {"torch": _ext_loads("horovod.torch"), "tensorflow": _ext_loads("horovod.tensorflow")}
+    basics = _basics()
+    if basics is not None:
+        flags.update({
+            "gloo": basics.gloo_built(),
+            "mpi": basics.mpi_built(),
+            "nccl": basics.nccl_built() > 0,
+            "ddl": basics.ddl_built(),
+            "ccl": basics.ccl_built(),
+            "cuda": basics.cuda_built(),
+            "rocm": basics.rocm_built(),
+        })
+    return flags
+
+
+def _ext_loads(module):
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _basics():
+    for module in ("horovod.torch", "horovod.tensorflow"):
+        try:
+            return importlib.import_module(module)
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def _gpus():
+    seen = []
+    try:
+        import torch
+        if torch.cuda.is_available():
+            seen += [f"torch: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi and not seen:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+            seen += [line for line in out.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return seen
+
+
+def collect():
+    report = {"python": platform.python_version(), "platform": platform.platform()}
+    problems = {}
+    for key, module in (("torch", "torch"), ("tensorflow", "tensorflow"), ("horovod", "horovod"),
+                        ("dali", "nvidia.dali"), ("mpi4py", "mpi4py"), ("numpy", "numpy")):
+        version, problem = _version(module)
+        report[key] = version
+        if problem:
+            problems[key] = problem
+    report["mpi"] = _mpi_version()
+    report["horovod_build"] = _horovod_build()
+    report["gpus"] = _gpus()
+    report["problems"] = problems
+    return report
+
+
+def verdict(report, required):
+    build = report["horovod_build"]
+    missing = []
+    for need in required:
+        if need == "dali":
+            ok = report.get("dali") is not None
+        elif need in ("torch", "tensorflow"):
+            ok = report.get(need) is not None and build.get(need, False)
+        else:
+            ok = build.get(need, False)
+        if not ok:
+            missing.append(need)
+    if report.get("horovod") is None:
+        return False, "Horovod does not import: run launchers/install.sh"
+    if missing:
+        return False, "missing: " + ", ".join(missing)
+    return True, "ready for " + ", ".join(required)
+
+
+def run(args):
+    import json
+
+    report = collect()
+    required = [r.strip().lower() for r in args.require.split(",") if r.strip()]
+    ok, why = verdict(report, required)
+    report["verdict"] = ("OK: " if ok else "NOT READY: ") + why
+    if args.json:
+        print(json.dumps(report))
+        return 0 if ok else 1
+    width = 12
+    for key in ("python", "torch", "tensorflow", "horovod", "dali", "mpi4py", "numpy", "mpi"):
+        value = report.get(key)
+        shown = value if value is not None else f"not available ({report['problems'].get(key, 'not found')})"
+        print(f"{key:<{width}} {shown}")
+    build = report["horovod_build"]
+    if build:
+        def marks(keys):
+            return "  ".join(f"[{'X' if build.get(k) else ' '}] {k}" for k in keys)
+        print(f"{'frameworks':<{width}} {marks(['torch', 'tensorflow'])}")
+        print(f"{'controllers':<{width}} {marks(['gloo', 'mpi'])}")
+        print(f"{'tensor ops':<{width}} {marks(['nccl', 'mpi', 'gloo', 'ddl', 'ccl'])}")
+    print(f"{'gpus':<{width}} {', '.join(report['gpus']) if report['gpus'] else 'none seen'}")
+    print(f"{'executable':<{width}} {sys.executable}")
+    print(report["verdict"])
+    return 0 if ok else 1
