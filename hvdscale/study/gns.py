@@ -1,0 +1,75 @@
+"""The online gradient noise scale inside a training loop, framework-neutral.
+
+The trainer supplies, on a step where the estimate is due, the squared norms of this worker's
+micro-batch gradients (before any allreduce) and of the final averaged gradient (after it).
+This module averages the local norms across workers with one scalar allreduce, feeds the pair
+to hvdscale.core.noise_scale and returns the fields to log in metrics.jsonl.
+
+Which gradients count as "small": every micro-batch gradient on every worker, each a mean over
+`per_micro_batch` examples. The "big" gradient averages workers * micro_batches of them. With one
+worker and no accumulation there is only one micro-batch, so the trainer splits the batch in two
+on due steps (see `split_for_estimate`); the update is unchanged, as the halves' mean gradient
+is the full batch's.
+"""
+from hvdscale.core.noise_scale import NoiseScaleEstimator, data_parallel_batches, is_due
+from hvdscale.errors import ConfigError
+
+
+def split_for_estimate(workers, accumulation):
+    """How many pieces a due step must cut each micro-batch into so there are >= 2 small
+    gradients per step: 2 for a single worker without accumulation, else 1."""
+    return 2 if workers * accumulation < 2 else 1
+
+
+class OnlineNoiseScale:
+    """Holds the EMA state and knows the batch sizes of the small and the big gradient.
+
+    average_across_workers: float -> float, the mean of a scalar over all workers (one
+    allreduce; identity on a single process). Every worker must call `record` on the same steps.
+    """
+
+    def __init__(self, every, ema, per_micro_batch, micro_batches, workers,
+                 average_across_workers=None):
+        if every < 0:
+            raise ConfigError(f"noise_scale.every must be >= 0 (0 = off), got {every}")
+        if per_micro_batch < 1:
+            raise ConfigError(f"noise scale needs a micro-batch of at least 1 example, "
+                              f"got {per_micro_batch}")
+        self.every = int(every)
+        self.estimator = NoiseScaleEstimator(ema)
+        self.b_small, self.b_big = data_parallel_batches(per_micro_batch, workers, micro_batches)
+        self.micro_batches = micro_batches
+        self._average = average_across_workers or (lambda value: value)
+        self.last = None
+
+    @classmethod
+    def for_step(cls, every, ema, per_worker, accumulation, workers,
+                 average_across_workers=None):
+        """From the recipe's batch settings, splitting the batch when there is only one piece."""
+        split = split_for_estimate(workers, accumulation)
+        if per_worker % split:
+            raise ConfigError(f"noise scale on one worker splits the batch in {split}; "
+                              f"batch.per_worker={per_worker} is not divisible")
+        return cls(every, ema, per_worker // split, accumulation * split, workers,
+                   average_across_workers)
+
+    def due(self, step):
+        return is_due(step, self.every)
+
+    def record(self, local_micro_sq_norms, global_sq_norm):
+        """Fold in one step; returns {'b_simple', 'gns_g2', 'gns_trace', 'gns_samples'}."""
+        norms = list(local_micro_sq_norms)
+        if len(norms) != self.micro_batches:
+            raise ValueError(f"noise scale expected {self.micro_batches} micro-batch gradient "
+                             f"norms on this worker, got {len(norms)}")
+        local_mean = sum(norms) / len(norms)
+        small_sq = float(self._average(local_mean))      # the one extra scalar allreduce
+        reading = self.estimator.update(small_sq, self.b_small, float(global_sq_norm), self.b_big)
+        self.last = reading.as_log()
+        return self.last
+
+    def state_dict(self):
+        return self.estimator.state_dict()
+
+    def load_state_dict(self, state):
+        self.estimator.load_state_dict(state)

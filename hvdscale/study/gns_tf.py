@@ -1,0 +1,23 @@
+"""TensorFlow side of the online gradient noise scale: the squared norm of a gradient list.
+
+In a custom training loop the local gradients come from tf.GradientTape.gradient() before the
+Horovod allreduce, and the averaged ones after it; this function turns either into a scalar
+tensor (usable inside tf.function) that the trainer passes to hvdscale.study.gns as a float.
+"""
+import tensorflow as tf
+
+
+def sq_norm(gradients, loss_scale=1.0):
+    """sum |g|^2 over a list of gradients (None entries, for unused variables, are skipped;
+    IndexedSlices count their values). loss_scale is divided back out, as in gns_torch."""
+    parts = []
+    for grad in gradients:
+        if grad is None:
+            continue
+        if isinstance(grad, tf.IndexedSlices):
+            # densify: repeated indices add up in the true gradient, not in the values
+            grad = tf.convert_to_tensor(grad)
+        parts.append(tf.reduce_sum(tf.square(tf.cast(grad, tf.float32))))
+    if not parts:
+        return tf.constant(0.0, tf.float32)
+    return tf.add_n(parts) / (loss_scale * loss_scale)
