@@ -19,6 +19,8 @@ fail() { echo "discover_hosts.sh: $*" >&2; exit 1; }
 [ -r "$file" ] || fail "cannot read hosts file $file"
 case $default_slots in '' | *[!0-9]* | 0) fail "HVDSCALE_SLOTS must be a positive integer, got '$default_slots'" ;; esac
 
+# Collect first, print at the end: a bad line must not leave Horovod half a host list.
+found=""
 number=0
 while IFS= read -r line || [ -n "$line" ]; do
     number=$((number + 1))
@@ -37,5 +39,6 @@ while IFS= read -r line || [ -n "$line" ]; do
     done
     case $host in '' | *[!A-Za-z0-9._-]* | [._-]*) fail "$file:$number: '$host' is not a host name" ;; esac
     case $slots in '' | *[!0-9]* | 0) fail "$file:$number: slots must be a positive integer, got '$slots'" ;; esac
-    echo "$host:$slots"
+    found+="$host:$slots"$'\n'
 done <"$file"
+printf '%s' "$found"
