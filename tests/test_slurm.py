@@ -1,0 +1,217 @@
+"""The SLURM templates run exactly the srun line `hvdscale launch --launcher srun --dry-run`
+prints for the same layout. The templates run under bash with an allocation's SLURM_*
+variables and a stand-in `srun` on PATH that records its argv (no Slurm here; the thing under
+test is our script). Also: bash -n and shellcheck on every shell script we ship."""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SLURM = REPO / "launchers" / "slurm"
+RECIPE_ARGS = ["pipelines/imagenet_resnet50_goyal.yaml", "--set", "train.max_steps=5",
+               "--set", "name=two words"]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A fake checkout with .venv/bin/hvdscale (this interpreter's hvdscale) and a bin/ with a
+    recording srun and scontrol; returns a function that runs a script in a fake allocation."""
+    home = tmp_path / "checkout"
+    venv_bin = home / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    hvdscale = venv_bin / "hvdscale"
+    hvdscale.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(REPO))} exec "
+                        f"{shlex.quote(sys.executable)} -c "
+                        "'import sys; from hvdscale.cli import main; sys.exit(main())' \"$@\"\n")
+    hvdscale.chmod(0o755)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "srun.argv"
+    srun = fake_bin / "srun"
+    # one argument per NUL-terminated record, so spaces and newlines survive
+    srun.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n"
+                    f"pwd > {shlex.quote(str(record))}.cwd\n")
+    srun.chmod(0o755)
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 9\n'
+                        'case "$3" in "gpu[01-02]") printf "gpu01\\ngpu02\\n" ;; *) exit 1 ;; esac\n')
+    scontrol.chmod(0o755)
+
+    def run(script, args=(), **slurm):
+        env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path),
+               "SLURM_SUBMIT_DIR": str(home), **slurm}
+        proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+        argv = record.read_bytes().split(b"\0")[:-1] if record.exists() else None
+        if record.exists():
+            record.unlink()
+        return proc, argv and [a.decode() for a in argv], env
+
+    run.home, run.hvdscale = home, hvdscale
+    return run
+
+
+def dry_run(cluster, env, *launch_args):
+    proc = subprocess.run([str(cluster.hvdscale), "launch", "--launcher", "srun", *launch_args,
+                           "--dry-run", "--", str(cluster.hvdscale), "train", *RECIPE_ARGS],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)
+
+
+GPU_ALLOCATION = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4",
+                  "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "64", "SLURM_JOB_ID": "42"}
+
+
+@pytest.mark.parametrize("plugin", [None, "pmi2"])
+def test_gpu_template_runs_the_launchers_srun_line(cluster, plugin):
+    slurm = dict(GPU_ALLOCATION, **({"HVDSCALE_SRUN_MPI": plugin} if plugin else {}))
+    proc, ran, env = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, **slurm)
+    assert proc.returncode == 0, proc.stderr
+    expected = dry_run(cluster, dict(env, NCCL_DEBUG="WARN"), "--np", "8", "--gpus-per-node", "4",
+                       "--cores-per-node", "64", "--mpi", plugin or "pmix")
+    assert expected[0] == "srun" and ran == expected[1:]
+    # and that line is the right one for 2 nodes x 4 GPUs x 64 cores
+    assert ran[:9] == ["--nodes", "2", "--ntasks", "8", "--ntasks-per-node", "4",
+                       "--cpus-per-task", "16", f"--mpi={plugin or 'pmix'}"]
+    assert "--export=ALL,OMP_NUM_THREADS=16" in ran
+    assert ran[-len(RECIPE_ARGS) - 2:] == [str(cluster.hvdscale), "train", *RECIPE_ARGS]
+
+
+def test_gpu_template_dry_run_prints_the_same_line(cluster):
+    proc, ran, env = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS,
+                             HVDSCALE_DRY_RUN="1", **GPU_ALLOCATION)
+    assert proc.returncode == 0, proc.stderr
+    assert ran is None                         # nothing was started
+    printed = shlex.split(proc.stdout)
+    assert printed[0] == "srun"
+    _, ran, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, **GPU_ALLOCATION)
+    assert printed[1:] == ran
+
+
+def test_gpu_template_sets_nccl_debug_only_when_unset(cluster):
+    _, ran, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, NCCL_DEBUG="INFO", **GPU_ALLOCATION)
+    # NCCL_DEBUG=INFO reaches the workers through --export=ALL; the launcher adds no WARN
+    assert "--export=ALL,OMP_NUM_THREADS=16" in ran
+
+
+def test_gpu_template_runs_in_the_checkout(cluster, tmp_path):
+    """srun starts in the checkout, so relative recipe paths resolve there."""
+    proc, _, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, **GPU_ALLOCATION)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "srun.argv.cwd").read_text().strip() == str(cluster.home)
+
+
+def test_gpu_template_follows_gpus_per_node_and_the_allocation(cluster):
+    # 3 nodes with 8 GPUs and 96 cores; GPUS_PER_NODE wins over SLURM's count
+    _, ran, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, SLURM_JOB_NUM_NODES="3",
+                        SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96")
+    assert ran[:9] == ["--nodes", "3", "--ntasks", "24", "--ntasks-per-node", "8",
+                       "--cpus-per-task", "12", "--mpi=pmix"]
+    _, ran, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, GPUS_PER_NODE="2",
+                        **GPU_ALLOCATION)
+    assert ran[:8] == ["--nodes", "2", "--ntasks", "4", "--ntasks-per-node", "2",
+                       "--cpus-per-task", "32"]
+
+
+def test_cpu_template_runs_the_launchers_srun_line(cluster):
+    slurm = {"SLURM_JOB_NUM_NODES": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "32"}
+    proc, ran, env = cluster(SLURM / "hvdscale-cpu.sbatch", RECIPE_ARGS, **slurm)
+    assert proc.returncode == 0, proc.stderr
+    expected = dry_run(cluster, env, "--np", "8", "--workers-per-node", "2",
+                       "--cores-per-node", "32", "--mpi", "pmix")
+    assert expected[0] == "srun" and ran == expected[1:]
+    assert ran[:9] == ["--nodes", "4", "--ntasks", "8", "--ntasks-per-node", "2",
+                       "--cpus-per-task", "16", "--mpi=pmix"]
+    assert "--export=ALL,OMP_NUM_THREADS=16" in ran     # no NCCL settings on CPU nodes
+
+
+@pytest.mark.parametrize("script", ["hvdscale-gpu.sbatch", "hvdscale-cpu.sbatch"])
+@pytest.mark.parametrize("args, slurm, message", [
+    ([], GPU_ALLOCATION, "usage: sbatch"),
+    (RECIPE_ARGS, {}, "SLURM_JOB_NUM_NODES is not set"),
+    (RECIPE_ARGS, dict(GPU_ALLOCATION, HVDSCALE_HOME="/nonexistent"), "/nonexistent/.venv/bin/hvdscale not found"),
+    (RECIPE_ARGS, dict(GPU_ALLOCATION, SLURM_JOB_NUM_NODES="two"), "not a node count"),
+])
+def test_templates_stop_with_one_line_on_bad_input(cluster, script, args, slurm, message):
+    proc, ran, _ = cluster(SLURM / script, args, **slurm)
+    assert proc.returncode == 2 and ran is None
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_template_refuses_an_unknown_gpu_count(cluster):
+    proc, ran, _ = cluster(SLURM / "hvdscale-gpu.sbatch", RECIPE_ARGS, SLURM_JOB_NUM_NODES="2",
+                           SLURM_CPUS_ON_NODE="8")
+    assert proc.returncode == 2 and ran is None
+    assert "cannot tell the GPUs per node" in proc.stderr
+
+
+def test_templates_declare_what_sbatch_needs():
+    for name in ("hvdscale-gpu.sbatch", "hvdscale-cpu.sbatch"):
+        text = (SLURM / name).read_text()
+        assert text.startswith("#!/usr/bin/env bash\n")
+        directives = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+        assert any("--nodes=" in d for d in directives) and any("--time=" in d for d in directives)
+        # sbatch stops reading #SBATCH lines at the first command
+        first_command = next(i for i, ln in enumerate(text.splitlines())
+                             if ln.strip() and not ln.startswith("#"))
+        assert all(text.splitlines().index(d) < first_command for d in directives)
+        assert "--launcher srun" in text
+    assert "--gres=gpu:" in (SLURM / "hvdscale-gpu.sbatch").read_text()
+
+
+def test_slurm_hostfile_lists_the_allocation(cluster):
+    script = REPO / "launchers" / "hosts" / "slurm_hostfile.sh"
+    proc, _, _ = cluster(script, [], SLURM_JOB_NODELIST="gpu[01-02]", SLURM_GPUS_ON_NODE="4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "gpu01 slots=4\ngpu02 slots=4\n"
+    proc, _, _ = cluster(script, ["2"], SLURM_JOB_NODELIST="gpu[01-02]")
+    assert proc.stdout == "gpu01 slots=2\ngpu02 slots=2\n"
+    proc, _, _ = cluster(script, [])
+    assert proc.returncode == 1 and "SLURM_JOB_NODELIST is not set" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# every shell script we ship
+
+
+def _shell_scripts():
+    found = sorted(set((REPO / "launchers").glob("*.sh")) | set((REPO / "launchers").glob("**/*.sh"))
+                   | set((REPO / "launchers").glob("**/*.sbatch")))
+    found += [REPO / "launchers" / "hvdscale-run", REPO / ".ci" / "run"]
+    return [p for p in found if p.exists()]
+
+
+SCRIPTS = _shell_scripts()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(p.relative_to(REPO)) for p in SCRIPTS])
+def test_shell_script_parses_and_is_shellcheck_clean(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (Debian package shellcheck)")
+    proc = subprocess.run([shellcheck, "-s", "bash", str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_shellcheck_finds_problems():
+    """The lint above can fail: an unquoted expansion is reported."""
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run([shellcheck, "-s", "bash", "-"], input="#!/bin/bash\nrm $1\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SC2086" in proc.stdout
+
+
+def test_scripts_are_executable():
+    for script in SCRIPTS:
+        if script.suffix in (".sh", ".sbatch") or script.name in ("hvdscale-run", "run"):
+            assert os.access(script, os.X_OK), f"{script} is not executable"
