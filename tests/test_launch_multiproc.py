@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -108,3 +109,37 @@ def test_launch_runs_hvdscale_train_on_two_workers(tmp_path, launcher, extra):
     summary = _summary(out)
     assert summary["workers"] == 2
     assert summary["global_batch"] == 2 * per_worker
+
+
+def test_elastic_job_grows_when_the_hosts_file_does(tmp_path):
+    """horovodrun --elastic with launchers/hosts/discover_hosts.sh: one worker starts, the
+    hosts file is replaced with one that has two slots, and the job carries on with two."""
+    _needs_horovod()
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost:1\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([*CLI, "launch", "--launcher", "horovodrun", "--controller", "gloo",
+                             "--elastic", "--hostfile", str(hosts), "--np", "1", "--min-np", "1",
+                             "--max-np", "2", "--cores-per-node", "2", "--",
+                             sys.executable, str(WORKERS / "elastic_probe.py"), str(out), "2"],
+                            env=launch_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "started").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first worker never started"
+            time.sleep(0.5)
+        grown = tmp_path / "hosts.new"
+        grown.write_text("localhost:2\n")
+        grown.replace(hosts)                        # one step, as docs/cluster.md says
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    seen = ranks(out)
+    assert all(s["world"] == 2 for s in seen)
+    assert seen[0]["steps_before_growing"] >= 1 and seen[0]["sizes_seen"] == [1]
