@@ -9,3 +9,8 @@ class ConfigError(UsageError):
 
 class DataError(UsageError):
     """Input data that is missing, truncated or not in the expected format."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss and the fault policy says abort (not a usage error:
+    the recipe was valid, the run diverged)."""

@@ -1,0 +1,121 @@
+"""The one Horovod layer both trainers use: who am I, and collectives on NumPy values.
+
+`init_comm("torch")` initialises horovod.torch, `init_comm("tensorflow")` horovod.tensorflow;
+without Horovod (or with `horovod=False`) a single-process Comm with the same methods stands in,
+so the engine has no `if distributed` branches.
+"""
+import numpy as np
+
+from hvdscale.errors import ConfigError
+
+OPS = ("average", "sum", "max", "min")
+
+
+class Comm:
+    """rank/size/local_rank/local_size plus allreduce, broadcast and agreement on NumPy data."""
+
+    def __init__(self, framework, hvd=None):
+        self.framework = framework
+        self.hvd = hvd
+        if hvd is None:
+            self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
+        else:
+            self.rank, self.size = hvd.rank(), hvd.size()
+            self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self._calls = 0
+
+    @property
+    def distributed(self):
+        return self.hvd is not None and self.size > 1
+
+    @property
+    def is_root(self):
+        return self.rank == 0
+
+    @property
+    def controller(self):
+        if self.hvd is None:
+            return "none"
+        return "mpi" if self.hvd.mpi_enabled() else "gloo" if self.hvd.gloo_enabled() else "?"
+
+    def _name(self, tag):
+        # Horovod matches collectives across ranks by name; a counter keeps names unique.
+        self._calls += 1
+        return f"hvdscale.{tag}.{self._calls}"
+
+    def allreduce(self, value, op="average"):
+        """Reduce a NumPy scalar or array over all ranks; returns the same shape (float64 for
+        floats, int64 for integers, so sums of counts stay exact)."""
+        if op not in OPS:
+            raise ConfigError(f"allreduce op {op!r} is not one of {', '.join(OPS)}")
+        arr = np.asarray(value)
+        scalar = arr.ndim == 0
+        arr = arr.astype(np.int64 if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool
+                         else np.float64)
+        if op == "average" and arr.dtype == np.int64:
+            arr = arr.astype(np.float64)
+        if self.distributed:
+            hop = {"average": self.hvd.Average, "sum": self.hvd.Sum,
+                   "max": self.hvd.Max, "min": self.hvd.Min}[op]
+            arr = self._reduce(arr.reshape(-1) if scalar else arr, hop)
+        return arr.reshape(()).item() if scalar else arr
+
+    def allreduce_many(self, arrays, op="average"):
+        """Reduce several arrays in one collective (concatenated as float64), same shapes back."""
+        arrays = [np.asarray(a) for a in arrays]
+        if not arrays or not self.distributed:
+            return [a.astype(np.float64) for a in arrays]
+        flat = np.concatenate([a.astype(np.float64).reshape(-1) for a in arrays])
+        flat = self.allreduce(flat, op=op)
+        out, start = [], 0
+        for a in arrays:
+            out.append(flat[start:start + a.size].reshape(a.shape))
+            start += a.size
+        return out
+
+    def _reduce(self, arr, hop):
+        name = self._name("allreduce")
+        if self.framework == "torch":
+            import torch
+            return self.hvd.allreduce(torch.from_numpy(np.ascontiguousarray(arr)), op=hop,
+                                      name=name).numpy()
+        import tensorflow as tf
+        return self.hvd.allreduce(tf.constant(arr), op=hop, name=name).numpy()
+
+    def broadcast_object(self, obj, root=0):
+        """A picklable object from `root` to every rank."""
+        if not self.distributed:
+            return obj
+        return self.hvd.broadcast_object(obj, root_rank=root, name=self._name("bcast"))
+
+    def all_true(self, flag):
+        """True on every rank iff `flag` is true on every rank (agreement before acting)."""
+        return bool(self.allreduce(np.int64(bool(flag)), op="min"))
+
+    def any_true(self, flag):
+        return bool(self.allreduce(np.int64(bool(flag)), op="max"))
+
+    def barrier(self):
+        if self.distributed:
+            self.allreduce(np.int64(0), op="sum")
+
+
+def init_comm(framework, horovod=True):
+    """Initialise Horovod for `framework` (torch | tensorflow) and return a Comm.
+
+    horovod=False, or Horovod not installed, gives the single-process Comm; callers that were
+    launched with several processes should pass horovod=True and check `size`.
+    """
+    if framework not in ("torch", "tensorflow"):
+        raise ConfigError(f"framework {framework!r} is not one of torch, tensorflow")
+    if not horovod:
+        return Comm(framework)
+    try:
+        if framework == "torch":
+            import horovod.torch as hvd
+        else:
+            import horovod.tensorflow as hvd
+    except ImportError:
+        return Comm(framework)
+    hvd.init()
+    return Comm(framework, hvd)

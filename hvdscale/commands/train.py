@@ -1,0 +1,135 @@
+"""`hvdscale train RECIPE [--set key=value ...] [--out DIR] [--resume] [--tau-ref X]`.
+
+Thin: read the environment and arguments, validate the recipe (before any framework import),
+start Horovod, build data and the framework trainer, and hand over to the engine.
+"""
+import os
+import sys
+from pathlib import Path
+
+from hvdscale.config import DEFAULT_RECIPE, load_config
+from hvdscale.errors import ConfigError, NonFiniteLossError
+
+# Variables by which MPI, Horovod's launchers and PMI tell a process how many ranks there are.
+WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def add_arguments(parser):
+    parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE),
+                        help="YAML recipe (default: pipelines/fashion_mnist_lamb.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe value, e.g. "
+                        "--set framework=tensorflow --set optimizer.base_lr=0.004")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: runs/<recipe>-<framework>-np<K>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in OUT/checkpoints")
+    parser.add_argument("--tau-ref", default=None, metavar="IMG_S|FILE",
+                        help="one worker's images/s (number, or the JSON file written by "
+                             "`hvdscale bench --save-ref`) for scaling efficiency")
+    parser.add_argument("--no-horovod", action="store_true",
+                        help="run as one plain process without initialising Horovod")
+
+
+def launched_world_size(environ=None):
+    environ = os.environ if environ is None else environ
+    for var in WORLD_SIZE_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1
+
+
+def read_tau_ref(value):
+    """A number, or a JSON file with `tau_ref` (what `hvdscale bench --save-ref` writes)."""
+    if value is None:
+        return None
+    try:
+        tau = float(value)
+    except ValueError:
+        import json
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"--tau-ref {value!r} is neither a number nor a file") from None
+        try:
+            tau = float(json.loads(path.read_text())["tau_ref"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"--tau-ref {path}: no numeric 'tau_ref' in it ({err})") from None
+    if not tau > 0:
+        raise ConfigError(f"--tau-ref must be a positive images/s figure, got {tau}")
+    return tau
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def hardware_name(device, workers):
+    if device != "cpu":
+        return f"{workers}x {device}"
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({cpu_count()} cores), {workers} worker{'s' * (workers > 1)}"
+
+
+def check_supported(cfg):
+    """Recipe features that validate but that this engine does not run yet."""
+    if cfg.faults.nonfinite == "skip":
+        raise ConfigError("faults.nonfinite: skip is not supported by the engine yet "
+                          "(use abort)")
+    if cfg.noise_scale.every:
+        raise ConfigError("noise_scale.every: the gradient-noise-scale probe is not wired "
+                          "into `hvdscale train` yet (set it to 0)")
+
+
+def make_trainer(cfg, comm, threads, model_fn=None):
+    if cfg.framework == "torch":
+        from hvdscale.torch.trainer import TorchTrainer
+        return TorchTrainer(cfg, comm, threads, model_fn=model_fn)
+    from hvdscale.tensorflow.trainer import TensorFlowTrainer
+    return TensorFlowTrainer(cfg, comm, threads, model_fn=model_fn)
+
+
+def start(cfg, horovod=True):
+    """Horovod + thread setting + data + trainer: what train and bench share. Returns
+    (comm, trainer, train source, eval source)."""
+    from hvdscale.comm import init_comm
+    from hvdscale.data import build_sources, check_data
+    check_data(cfg.data)
+    launched = launched_world_size()
+    comm = init_comm(cfg.framework, horovod=horovod)
+    if launched > 1 and comm.size != launched:
+        raise ConfigError(f"launched as {launched} processes but Horovod for {cfg.framework} "
+                          f"is {'disabled' if not horovod else 'not available'} here")
+    threads = cfg.train.threads or max(1, cpu_count() // comm.local_size)
+    trainer = make_trainer(cfg, comm, threads)
+    train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
+    return comm, trainer, train_source, eval_source
+
+
+def run(args):
+    cfg = load_config(args.recipe, args.overrides)
+    check_supported(cfg)
+    tau_ref = read_tau_ref(args.tau_ref)
+    from hvdscale.engine import Engine
+    comm, trainer, train_source, eval_source = start(cfg, horovod=not args.no_horovod)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-np{comm.size}"
+    engine = Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
+                    tau_ref=tau_ref,
+                    hardware=hardware_name(trainer.device_description, comm.size))
+    try:
+        engine.run()
+    except NonFiniteLossError as err:
+        print(f"hvdscale train: error: {err}", file=sys.stderr)
+        return 3
+    if comm.is_root:
+        print(f"metrics: {out / 'metrics.jsonl'}")
+    return 0

@@ -1,0 +1,113 @@
+"""What a run tells the user: metrics.jsonl, TensorBoard scalars, the progress bar and the final
+summary table. Everything here is active on rank 0 only; other ranks get silent stand-ins."""
+import json
+import math
+import sys
+from pathlib import Path
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: one JSON object per line, flushed at once so a crash keeps the lines."""
+
+    def __init__(self, path, append=False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a" if append else "w")
+
+    def write(self, record):
+        self._fh.write(json.dumps(_jsonable(record)) + "\n")
+        self._fh.flush()
+
+    def close(self):
+        self._fh.close()
+
+
+def _jsonable(record):
+    """NaN/inf are not JSON: write them as null."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+class NullLog:
+    def write(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
+class Progress:
+    """A tqdm bar over the training steps, or nothing when disabled or tqdm is missing."""
+
+    def __init__(self, total, initial, enabled):
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, leave=False)
+
+    def update(self, loss, lr):
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+
+    def note(self, text):
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+SUMMARY_COLUMNS = ("hardware", "framework", "workers", "batch size", "optimizer", "steps",
+                   "time/step", "time", "accuracy")
+
+
+def summary_table(summary):
+    """The seed's table (hardware, framework, workers, batch size, optimizer, steps, time/step,
+    time, accuracy) as Markdown, then throughput, scaling efficiency and time to target."""
+    acc = summary.get("final_test_accuracy")
+    batch = f"{summary['global_batch']}"
+    if summary["workers"] > 1 or summary["accumulation"] > 1:
+        batch += f" ({summary['workers']}x{summary['per_worker_batch']}"
+        batch += f"x{summary['accumulation']})" if summary["accumulation"] > 1 else ")"
+    cells = (summary["hardware"], summary["framework"], str(summary["workers"]), batch,
+             summary["optimizer"], str(summary["steps"]), _fmt_time(summary["time_per_step_s"]),
+             _fmt_time(summary["train_time_s"]), "-" if acc is None else f"{acc:.4f}")
+    widths = [max(len(h), len(c)) for h, c in zip(SUMMARY_COLUMNS, cells)]
+    row = lambda items: "| " + " | ".join(f"{x:<{w}}" for x, w in zip(items, widths)) + " |"
+    lines = [row(SUMMARY_COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|", row(cells)]
+    extra = [f"images/s {summary['images_per_sec']:.1f} total, "
+             f"{summary['images_per_sec_per_worker']:.1f} per worker"]
+    if summary.get("scaling_efficiency") is not None:
+        extra.append(f"scaling efficiency {summary['scaling_efficiency']:.3f} "
+                     f"(tau_ref {summary['tau_ref']:.1f} img/s)")
+    if acc is not None:
+        extra.append(f"best accuracy {summary['best_test_accuracy']:.4f}")
+    target = summary.get("target_accuracy")
+    if target is not None:
+        if summary.get("steps_to_target") is None:
+            extra.append(f"target {target:g} not reached")
+        else:
+            extra.append(f"target {target:g} reached at step {summary['steps_to_target']} "
+                         f"after {_fmt_time(summary['time_to_target_s'])}")
+    lines.append("; ".join(extra) + f"; wall time {_fmt_time(summary['wall_s'])}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""TensorFlow (Keras 3) adapter for the engine (the Backend protocol in
+hvdscale/engine/backend.py).
+
+horovod.tensorflow.keras does not work with Keras 3, so the step is our own tf.function:
+a GradientTape wrapped in Horovod's DistributedGradientTape. With batch.accumulation > 1 the
+local gradients of the micro-batches are summed into accumulators and allreduced once per
+step (DistributedGradientTape has no backward_passes_per_step).
+"""
+import io
+
+import numpy as np
+import tensorflow as tf
+
+from hvdscale.errors import ConfigError
+
+
+def _optimizer_factory():
+    try:
+        from hvdscale.tensorflow.optim import build_optimizer
+        return build_optimizer
+    except ImportError:   # the toolbox's optimizers have not landed: SGD/AdamW stand in
+        return _standin_optimizer
+
+
+def _standin_optimizer(name, learning_rate, opt_cfg):
+    import keras
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=opt_cfg.momentum)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, beta_1=opt_cfg.betas[0],
+                                      beta_2=opt_cfg.betas[1], epsilon=opt_cfg.eps,
+                                      weight_decay=opt_cfg.weight_decay)
+    raise ConfigError(f"optimizer.name {name!r} needs hvdscale.tensorflow.optim, which is missing")
+
+
+def configure_threads(threads):
+    """Intra-op threads per worker; must run before TensorFlow executes its first op."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass   # the runtime was already started (e.g. a second trainer in one process)
+
+
+def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
+    """Mean cross-entropy from logits with integer labels; label smoothing as in PyTorch:
+    (1 - eps) * NLL + eps * mean over classes of -log p."""
+    logp = tf.nn.log_softmax(logits)
+    nll = -tf.gather(logp, labels, batch_dims=1)
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * tf.reduce_mean(logp, axis=-1)
+    return tf.reduce_mean(nll)
+
+
+class TensorFlowTrainer:
+    framework = "tensorflow"
+    checkpoint_suffix = ".npz"
+
+    def __init__(self, cfg, comm, threads, model_fn=None):
+        """model_fn(cfg) -> keras.Model overrides the model zoo (tests use tiny models)."""
+        self.cfg, self.comm = cfg, comm
+        self.optimizer_name = cfg.optimizer.name
+        configure_threads(threads)
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = gpus[comm.local_rank % len(gpus)]
+            tf.config.set_visible_devices(gpu, "GPU")
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self._gpu = bool(gpus)
+        self._model_fn = model_fn
+        self.model = self.optimizer = None
+        if cfg.horovod.adasum and comm.distributed and comm.controller != "mpi" and not gpus:
+            raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
+                              "(horovodrun --mpi or mpirun), this job runs on "
+                              f"{comm.controller}")
+
+    @property
+    def device_description(self):
+        if self._gpu:
+            details = tf.config.experimental.get_device_details(
+                tf.config.get_visible_devices("GPU")[0])
+            return details.get("device_name", "gpu")
+        return "cpu"
+
+    # ------------------------------------------------------------------ build
+    def _build_model(self):
+        c = self.cfg
+        if self._model_fn is not None:
+            return self._model_fn(c)
+        from hvdscale.tensorflow.models import build_model
+        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
+                           zero_init_residual=c.model.zero_init_residual)
+
+    def build(self):
+        import keras
+        keras.utils.set_random_seed(self.cfg.train.seed)
+        self.model = self._build_model()
+        self.optimizer = _optimizer_factory()(self.cfg.optimizer.name,
+                                              self.cfg.optimizer.base_lr, self.cfg.optimizer)
+        self.variables = list(self.model.trainable_variables)
+        self.optimizer.build(self.variables)
+        hvd = self.comm.hvd
+        if hvd is not None:
+            hvd.broadcast_variables(self.model.variables, root_rank=0)
+            hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
+            self._compression = (hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
+                                 else hvd.Compression.none)
+            self._op = hvd.Adasum if self.cfg.horovod.adasum else hvd.Average
+        accum = self.cfg.batch.accumulation
+        if accum > 1:
+            self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
+                                  for v in self.variables]
+        self._step = tf.function(self._single_step)
+        self._accumulate = tf.function(self._accumulate_fn)
+        self._apply = tf.function(self._apply_accumulated)
+        self._logits = tf.function(lambda x: self.model(x, training=False),
+                                   reduce_retracing=True)
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, x, y):
+        logits = self.model(x, training=True)
+        return softmax_cross_entropy(logits, y, self.cfg.model.label_smoothing)
+
+    def _single_step(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = self._loss(x, y)
+        if self.comm.hvd is not None:
+            tape = self.comm.hvd.DistributedGradientTape(tape, compression=self._compression,
+                                                         op=self._op)
+        grads = tape.gradient(loss, self.variables)
+        # after backward, before the update: hook point for gradient checks (fault policies)
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        return loss
+
+    def _accumulate_fn(self, x, y, weight):
+        with tf.GradientTape() as tape:
+            loss = self._loss(x, y)
+        grads = tape.gradient(loss, self.variables)
+        for acc, g in zip(self._accumulators, grads):
+            acc.assign_add(g * weight)
+        return loss
+
+    def _apply_accumulated(self):
+        grads = [acc.read_value() for acc in self._accumulators]
+        if self.comm.hvd is not None:
+            grads = self.comm.hvd.grouped_allreduce(grads, op=self._op,
+                                                    compression=self._compression)
+        # after backward, before the update: hook point for gradient checks (fault policies)
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        for acc in self._accumulators:
+            acc.assign(tf.zeros_like(acc))
+
+    def train_step(self, x, y, lr):
+        self.optimizer.learning_rate = lr
+        accum = self.cfg.batch.accumulation
+        if accum == 1:
+            return float(self._step(tf.constant(x), tf.constant(y)))
+        total = 0.0
+        for xb, yb in zip(np.array_split(x, accum), np.array_split(y, accum)):
+            weight = len(yb) / len(y)   # each micro-batch's share of the step's mean gradient
+            total += weight * float(self._accumulate(tf.constant(xb), tf.constant(yb),
+                                                     tf.constant(weight, tf.float32)))
+        self._apply()
+        return total
+
+    def evaluate(self, batches):
+        correct, count, loss_sum = 0, 0, 0.0
+        for x, y in batches:
+            logits = self._logits(tf.constant(x)).numpy().astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            loss_sum += float(-logp[np.arange(len(y)), y].sum())
+            correct += int((logits.argmax(axis=1) == y).sum())
+            count += len(y)
+        return correct, count, loss_sum
+
+    def sync_statistics(self):
+        if not self.comm.distributed:
+            return
+        stats = [v for v in self.model.non_trainable_variables if v.dtype.is_floating]
+        for var, avg in zip(stats, self.comm.allreduce_many([v.numpy() for v in stats])):
+            var.assign(avg.astype(var.dtype.as_numpy_dtype))
+
+    # ------------------------------------------------------------------ state
+    def _state_variables(self):
+        return {"model": list(self.model.weights), "optimizer": list(self.optimizer.variables)}
+
+    def state_bytes(self):
+        arrays = {}
+        for group, variables in self._state_variables().items():
+            arrays[f"{group}__names"] = np.array([v.path for v in variables], dtype=str)
+            for i, v in enumerate(variables):
+                arrays[f"{group}__{i:05d}"] = v.numpy()
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    def load_state_bytes(self, data):
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            for group, variables in self._state_variables().items():
+                names = list(npz[f"{group}__names"])
+                if len(names) != len(variables):
+                    raise ConfigError(f"--resume: checkpoint has {len(names)} {group} variables, "
+                                      f"this run {len(variables)}")
+                for i, v in enumerate(variables):
+                    value = npz[f"{group}__{i:05d}"]
+                    if tuple(value.shape) != tuple(v.shape):
+                        raise ConfigError(f"--resume: checkpoint {group} variable {names[i]} has "
+                                          f"shape {value.shape}, this run {tuple(v.shape)}")
+                    v.assign(value)
+
+    def parameters(self):
+        return {v.path: v.numpy().copy() for v in self.model.trainable_variables}
+
+    def summary_writer(self, logdir):
+        return _TFWriter(tf.summary.create_file_writer(str(logdir)))
+
+
+class _TFWriter:
+    def __init__(self, writer):
+        self._w = writer
+
+    def scalar(self, tag, value, step):
+        with self._w.as_default():
+            tf.summary.scalar(tag, value, step=step)
+
+    def close(self):
+        self._w.flush()
+        self._w.close()
+
+

@@ -1,0 +1,170 @@
+"""PyTorch adapter for the engine (the Backend protocol in hvdscale/engine/backend.py).
+
+Horovod's DistributedOptimizer averages gradients (or combines them with Adasum), optionally
+in fp16 on the wire, and with backward_passes_per_step = batch.accumulation it allreduces once
+per optimizer step however many micro-batches feed it.
+"""
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hvdscale.errors import ConfigError
+
+
+def _optimizer_factory():
+    try:
+        from hvdscale.torch.optim import build_optimizer
+        return build_optimizer
+    except ImportError:   # the toolbox's optimizers have not landed: SGD/AdamW stand in
+        return _standin_optimizer
+
+
+def _standin_optimizer(name, model, lr, opt_cfg):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=opt_cfg.momentum,
+                               weight_decay=opt_cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt_cfg.betas),
+                                 eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+    raise ConfigError(f"optimizer.name {name!r} needs hvdscale.torch.optim, which is missing")
+
+
+class TorchTrainer:
+    framework = "torch"
+    checkpoint_suffix = ".pt"
+
+    def __init__(self, cfg, comm, threads, model_fn=None):
+        """model_fn(cfg) -> nn.Module overrides the model zoo (tests use tiny models)."""
+        self.cfg, self.comm = cfg, comm
+        self.optimizer_name = cfg.optimizer.name
+        torch.set_num_threads(threads)
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        self._model_fn = model_fn
+        self.model = self.optimizer = None
+        hv = cfg.horovod
+        if hv.adasum and comm.distributed and comm.controller != "mpi" \
+                and self.device.type == "cpu":
+            raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
+                              "(horovodrun --mpi or mpirun), this job runs on "
+                              f"{comm.controller}")
+
+    @property
+    def device_description(self):
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    # ------------------------------------------------------------------ build
+    def _build_model(self):
+        c = self.cfg
+        if self._model_fn is not None:
+            return self._model_fn(c)
+        from hvdscale.torch.models import build_model
+        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
+                           zero_init_residual=c.model.zero_init_residual)
+
+    def build(self):
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = self._build_model().to(self.device)
+        opt = _optimizer_factory()(self.cfg.optimizer.name, self.model,
+                                   self.cfg.optimizer.base_lr, self.cfg.optimizer)
+        hvd = self.comm.hvd
+        if hvd is not None:
+            # Fresh optimizers are identical on every rank (same hyper-parameters, empty
+            # state), so only the model is broadcast here; a resume ships rank 0's full state.
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            opt = hvd.DistributedOptimizer(
+                opt, named_parameters=self.model.named_parameters(),
+                compression=hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
+                else hvd.Compression.none,
+                backward_passes_per_step=self.cfg.batch.accumulation,
+                op=hvd.Adasum if self.cfg.horovod.adasum else hvd.Average)
+        self.optimizer = opt
+
+    # ------------------------------------------------------------------ steps
+    def _tensor(self, x):
+        # NHWC arrays from the data layer -> NCHW tensors for torch convolutions
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device)
+
+    def train_step(self, x, y, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad()
+        accum = self.cfg.batch.accumulation
+        xs, ys = np.array_split(x, accum), np.array_split(y, accum)
+        total = 0.0
+        for xb, yb in zip(xs, ys):
+            logits = self.model(self._tensor(xb))
+            loss = F.cross_entropy(logits, torch.from_numpy(yb).to(self.device),
+                                   label_smoothing=self.cfg.model.label_smoothing)
+            # each micro-batch contributes its share of the step's mean gradient
+            (loss * (len(yb) / len(y))).backward()
+            total += loss.item() * len(yb) / len(y)
+        # after backward, before the update: hook point for gradient checks (fault policies)
+        self.optimizer.step()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, batches):
+        self.model.eval()
+        correct, count, loss_sum = 0, 0, 0.0
+        for x, y in batches:
+            logits = self.model(self._tensor(x))
+            target = torch.from_numpy(y).to(self.device)
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+            count += len(y)
+        return correct, count, loss_sum
+
+    @torch.no_grad()
+    def sync_statistics(self):
+        if not self.comm.distributed:
+            return
+        bufs = [b for b in self.model.buffers() if b.is_floating_point()]
+        averaged = self.comm.allreduce_many([b.detach().cpu().numpy() for b in bufs])
+        for buf, avg in zip(bufs, averaged):
+            buf.copy_(torch.from_numpy(avg).to(device=buf.device, dtype=buf.dtype))
+
+    # ------------------------------------------------------------------ state
+    def state_bytes(self):
+        buf = io.BytesIO()
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, buf)
+        return buf.getvalue()
+
+    def load_state_bytes(self, data):
+        try:
+            state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ConfigError(f"--resume: checkpoint does not fit this model/optimizer "
+                              f"({str(err).splitlines()[0]})") from None
+        torch.set_rng_state(state["torch_rng"])
+
+    def parameters(self):
+        return {n: p.detach().cpu().numpy().copy() for n, p in self.model.named_parameters()}
+
+    def summary_writer(self, logdir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return _TorchWriter(SummaryWriter(str(logdir)))
+
+
+class _TorchWriter:
+    def __init__(self, writer):
+        self._w = writer
+
+    def scalar(self, tag, value, step):
+        self._w.add_scalar(tag, value, step)
+
+    def close(self):
+        self._w.close()
