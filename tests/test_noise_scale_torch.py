@@ -112,3 +112,32 @@ def test_record_checks_the_number_of_micro_batches():
     with pytest.raises(ValueError, match="expected 4 micro-batch"):
         gns.record([1.0, 2.0], 0.5)
     assert [s for s in range(12) if gns.due(s)] == [0, 5, 10]
+
+
+def test_trainer_helper_splits_a_single_worker_step_and_logs_the_exact_estimate():
+    from types import SimpleNamespace
+
+    from hvdscale.comm import Comm
+    from hvdscale.study.gns_torch import TorchNoiseScale
+
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)     # weights stay: exact check
+    noise = TorchNoiseScale(SimpleNamespace(every=2, ema=0.5),
+                            SimpleNamespace(per_worker=8, accumulation=1), Comm("torch"), model)
+    gen = torch.Generator().manual_seed(4)
+    # one class only: a consistent gradient direction, so |G|^2 comes out positive
+    x, y = torch.randn(8, 6, generator=gen), torch.zeros(8, dtype=torch.long)
+    logs = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        pieces = noise.micro_batches(accumulation=1)
+        for xb, yb in zip(x.chunk(pieces), y.chunk(pieces)):
+            (torch.nn.functional.cross_entropy(model(xb), yb) / pieces).backward()
+        logs.append(noise.step(optimizer, [1 / pieces] * pieces))
+    assert logs[1] is None and logs[0] is not None and logs[2]["gns_samples"] == 2
+    halves = [_grad_sq(model, xb, yb) for xb, yb in zip(x.chunk(2), y.chunk(2))]
+    big = _grad_sq(model, x, y)
+    g2, trace = unbiased_estimates(sum(halves) / 2, 4, big, 8)
+    assert g2 > 0 and logs[0]["gns_g2"] == pytest.approx(g2, rel=1e-5)
+    assert logs[0]["b_simple"] == pytest.approx(trace / g2, rel=1e-5)
+    assert not noise.probe.armed

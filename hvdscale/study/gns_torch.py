@@ -54,15 +54,20 @@ class LocalGradientProbe:
     def collect(self, loss_scale=1.0):
         """Per-pass squared norms (floats), in pass order; disarms the probe.
 
+        loss_scale: one factor for every pass, or a list with one per pass.
         Each parameter's hook fires once per backward pass that reaches it, so the k-th value
         of every parameter belongs to pass k. A parameter no pass reached adds nothing.
         """
         self.disarm()
         passes = max((len(values) for values in self._per_param), default=0)
+        scales = list(loss_scale) if isinstance(loss_scale, (list, tuple)) else \
+            [loss_scale] * passes
+        if len(scales) != passes:
+            raise ValueError(f"{len(scales)} loss scales for {passes} backward passes")
         totals = []
         for k in range(passes):
             total = sum(float(values[k]) for values in self._per_param if len(values) > k)
-            totals.append(total / (loss_scale * loss_scale))
+            totals.append(total / (scales[k] * scales[k]))
         self._per_param = []
         return totals
 
@@ -75,3 +80,61 @@ def grad_sq_norm(parameters):
         if param.grad is not None:
             total += torch.sum(param.grad.detach().double() ** 2)
     return float(total)
+
+
+class TorchNoiseScale:
+    """What a torch trainer holds to log the online noise scale (noise_scale.every > 0).
+
+    In the trainer's step:
+        pieces = noise.micro_batches(accumulation)   # arms the probe on due steps; 2x on 1 worker
+        ... the usual backward passes over `pieces` micro-batches ...
+        noise.step(optimizer, loss_scales)           # instead of optimizer.step()
+    `noise.last` then holds {'b_simple', 'gns_g2', 'gns_trace', 'gns_samples'} for the log.
+    """
+
+    def __init__(self, noise_cfg, batch_cfg, comm, model):
+        from hvdscale.study.gns import OnlineNoiseScale
+        self.online = OnlineNoiseScale.for_step(
+            noise_cfg.every, noise_cfg.ema, batch_cfg.per_worker, batch_cfg.accumulation,
+            comm.size, average_across_workers=lambda v: comm.allreduce(float(v), op="average"))
+        self.split = self.online.micro_batches // batch_cfg.accumulation
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.probe = LocalGradientProbe(self.params)
+        self.steps = 0
+        self._due = False
+
+    @property
+    def last(self):
+        return self.online.last
+
+    def micro_batches(self, accumulation):
+        """How many micro-batches this step uses (arms the probe when the estimate is due)."""
+        self._due = self.online.due(self.steps)
+        self.steps += 1
+        if not self._due:
+            return accumulation
+        self.probe.arm()
+        return accumulation * self.split
+
+    def step(self, optimizer, loss_scales):
+        """optimizer.step(), reading |G_big|^2 between the allreduce and the update."""
+        if not self._due:
+            optimizer.step()
+            return None
+        if hasattr(optimizer, "skip_synchronize"):      # Horovod's DistributedOptimizer
+            optimizer.synchronize()
+            big = grad_sq_norm(self.params)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        else:
+            big = grad_sq_norm(self.params)            # before step(): an optimizer may edit .grad
+            optimizer.step()
+        small = self.probe.collect(loss_scales)
+        return self.online.record(small, big)
+
+    def state_dict(self):
+        return {"estimator": self.online.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.online.load_state_dict(state["estimator"])
+        self.steps = int(state["steps"])
