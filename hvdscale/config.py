@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "pipelines" / "fashion_mnist_lamb.yaml"
 
 FRAMEWORKS = ("torch", "tensorflow")
-MODELS = ("cnn", "resnet8", "resnet20", "resnet50")
+MODELS = ("cnn", "resnet8", "resnet20", "resnet50", "mlp")
 DATA_KINDS = ("fashion_mnist", "synthetic", "imagefolder")
 DECODERS = ("auto", "cpu", "mixed")
 OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")

@@ -152,3 +152,19 @@ def test_seeds_are_combined_and_one_miss_censors_the_point():
     assert not points[("sgd_lin", 64)]["reached"] and points[("sgd_lin", 64)]["steps_run"] == 500
     assert points[("sgd_lin", 256)]["steps_to_target"] == pytest.approx(
         runs[1]["steps_to_target"] * 2)      # geometric mean of x and 4x
+
+
+def test_the_sweep_model_mlp_matches_its_analytic_parameter_count():
+    torch = pytest.importorskip("torch")
+    from hvdscale.core import model_zoo as zoo
+    from hvdscale.torch.models import build_model
+    model = build_model("mlp", 10, 1, 28)
+    assert sum(p.numel() for p in model.parameters()) == zoo.param_count("mlp", 10, 1, 28) \
+        == 784 * 128 + 128 + 128 * 10 + 10
+    # flattening follows Keras' (H, W, C) order: a pixel's weight column does not depend on
+    # the layout once the channel axis is 1
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 3, 5] = 1.0
+    with torch.no_grad():
+        hidden = model.fc1(torch.flatten(x.permute(0, 2, 3, 1), 1))
+        assert torch.allclose(hidden, model.fc1.weight[:, 3 * 28 + 5] + model.fc1.bias)

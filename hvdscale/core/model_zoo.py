@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from hvdscale.errors import ConfigError
 
-MODEL_NAMES = ("cnn", "resnet8", "resnet20", "resnet50")
+MODEL_NAMES = ("cnn", "resnet8", "resnet20", "resnet50", "mlp")
 
 # BatchNorm as in PyTorch: running = (1 - momentum) * running + momentum * batch.
 # (Keras counts momentum the other way round; its adapter passes 1 - BN_MOMENTUM.)
@@ -24,6 +24,13 @@ class CNNSpec:
     """Two conv blocks (3x3 conv, BN, ReLU, 2x2 max-pool), then a dense ReLU layer."""
     widths: tuple = (32, 64)
     hidden: int = 64
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Flatten, one ReLU dense layer, classifier: ~100x cheaper than the CNN on a CPU, which is
+    what lets a critical-batch-size sweep (hvdscale sweep) finish in minutes."""
+    hidden: int = 128
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,11 @@ SPECS = {
     "resnet8": CifarResNetSpec(blocks_per_stage=1),
     "resnet20": CifarResNetSpec(blocks_per_stage=3),
     "resnet50": BottleneckResNetSpec(),
+    "mlp": MLPSpec(),
 }
 
 # Smallest square input each model can run on (the CNN pools twice by 2).
-MIN_IMAGE_SIZE = {"cnn": 4, "resnet8": 1, "resnet20": 1, "resnet50": 1}
+MIN_IMAGE_SIZE = {"cnn": 4, "resnet8": 1, "resnet20": 1, "resnet50": 1, "mlp": 1}
 
 
 def _positive_int(value, what):
@@ -121,6 +129,9 @@ def _dense(fan_in, fan_out):
 def param_count(name, num_classes, in_channels, image_size):
     """Trainable parameters (BN gamma/beta included, running statistics not)."""
     spec = check_model_args(name, num_classes, in_channels, image_size)
+    if isinstance(spec, MLPSpec):
+        return (_dense(image_size * image_size * in_channels, spec.hidden)
+                + _dense(spec.hidden, num_classes))
     if isinstance(spec, CNNSpec):
         (w1, w2) = spec.widths
         return (_conv(3, in_channels, w1) + _bn(w1) + _conv(3, w1, w2) + _bn(w2)

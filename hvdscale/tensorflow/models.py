@@ -154,6 +154,14 @@ def _cnn(spec, num_classes, x):
     return _classifier(num_classes)(x)
 
 
+def _mlp(spec, num_classes, x):
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(spec.hidden, activation="relu", name="fc1",
+                     kernel_initializer=keras.initializers.get(_HIDDEN_DENSE_INIT),
+                     bias_initializer="zeros")(x)
+    return _classifier(num_classes)(x)
+
+
 def _cifar_resnet(spec, num_classes, x, zero_init_residual):
     x = _conv(spec.widths[0], 3, name="conv1")(x)
     x = layers.ReLU(name="relu1")(_bn(name="bn1")(x))
@@ -191,7 +199,9 @@ def build_model(name, num_classes, in_channels, image_size, zero_init_residual=T
     each residual block when zero_init_residual), zero biases."""
     spec = zoo.check_model_args(name, num_classes, in_channels, image_size)
     inputs = keras.Input((image_size, image_size, in_channels), name="images")
-    if isinstance(spec, zoo.CNNSpec):
+    if isinstance(spec, zoo.MLPSpec):
+        outputs = _mlp(spec, num_classes, inputs)
+    elif isinstance(spec, zoo.CNNSpec):
         outputs = _cnn(spec, num_classes, inputs)
     elif isinstance(spec, zoo.CifarResNetSpec):
         outputs = _cifar_resnet(spec, num_classes, inputs, zero_init_residual)

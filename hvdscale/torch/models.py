@@ -111,6 +111,17 @@ class CNN(nn.Module):
         return self.fc(F.relu(self.fc1(x)))
 
 
+class MLP(nn.Module):
+    def __init__(self, spec, num_classes, in_channels, image_size):
+        super().__init__()
+        self.fc1 = nn.Linear(image_size * image_size * in_channels, spec.hidden)
+        self.fc = nn.Linear(spec.hidden, num_classes)
+
+    def forward(self, x):
+        # (H, W, C) order, as Keras' Flatten on NHWC (see CNN.forward)
+        return self.fc(F.relu(self.fc1(torch.flatten(x.permute(0, 2, 3, 1), 1))))
+
+
 class CifarResNet(nn.Module):
     def __init__(self, spec, num_classes, in_channels):
         super().__init__()
@@ -180,7 +191,9 @@ def build_model(name, num_classes, in_channels, image_size, zero_init_residual=T
     """An nn.Module taking float NCHW images [N, in_channels, image_size, image_size] and
     returning logits [N, num_classes]. Unknown names or bad sizes raise ConfigError."""
     spec = zoo.check_model_args(name, num_classes, in_channels, image_size)
-    if isinstance(spec, zoo.CNNSpec):
+    if isinstance(spec, zoo.MLPSpec):
+        model = MLP(spec, num_classes, in_channels, image_size)
+    elif isinstance(spec, zoo.CNNSpec):
         model = CNN(spec, num_classes, in_channels, image_size)
     elif isinstance(spec, zoo.CifarResNetSpec):
         model = CifarResNet(spec, num_classes, in_channels)
