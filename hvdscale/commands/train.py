@@ -27,6 +27,9 @@ def add_arguments(parser):
     parser.add_argument("--tau-ref", default=None, metavar="IMG_S|FILE",
                         help="one worker's images/s (number, or the JSON file written by "
                              "`hvdscale bench --save-ref`) for scaling efficiency")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="end this session after N steps with a checkpoint, as a "
+                             "preempted job would (continue with --resume)")
     parser.add_argument("--no-horovod", action="store_true",
                         help="run as one plain process without initialising Horovod")
 
@@ -119,11 +122,13 @@ def run(args):
     cfg = load_config(args.recipe, args.overrides)
     check_supported(cfg)
     tau_ref = read_tau_ref(args.tau_ref)
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     from hvdscale.engine import Engine
     comm, trainer, train_source, eval_source = start(cfg, horovod=not args.no_horovod)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-np{comm.size}"
     engine = Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
-                    tau_ref=tau_ref,
+                    tau_ref=tau_ref, stop_after=args.stop_after_steps,
                     hardware=hardware_name(trainer.device_description, comm.size))
     try:
         engine.run()

@@ -24,8 +24,9 @@ from hvdscale.errors import ConfigError, NonFiniteLossError
 
 @dataclass
 class RunResult:
-    summary: dict
+    summary: dict                    # None when the session stopped early (stop_after)
     records: list = field(default_factory=list)
+    finished: bool = True
 
 
 def _interval(every_steps, every_epochs, steps_per_epoch):
@@ -41,11 +42,12 @@ class Engine:
     """Drives one training run for any Backend (see hvdscale/engine/backend.py)."""
 
     def __init__(self, cfg, comm, backend, train_source, eval_source, out_dir, *, resume=False,
-                 tau_ref=None, hardware="cpu", echo=print):
+                 tau_ref=None, hardware="cpu", stop_after=None, echo=print):
         self.cfg, self.comm, self.backend = cfg, comm, backend
         self.batches, self.eval_source = train_source, eval_source
         self.out = Path(out_dir)
         self.resume = resume
+        self.stop_after = stop_after     # end this session after so many steps (preemption)
         self.tau_ref = tau_ref if tau_ref is not None else cfg.train.tau_ref
         self.hardware = hardware
         self.echo = echo if comm.is_root else (lambda *a, **k: None)
@@ -146,38 +148,54 @@ class Engine:
             if root and self.cfg.log.tensorboard else None
         bar = Progress(self.total_steps, self.step, root and self.cfg.log.progress)
         wall0 = time.perf_counter()
-        stop = False
         try:
-            while self.step < self.total_steps and not stop:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                for x, y in self.batches.epoch(epoch, start):
-                    loss = self._train_one(x, y)
-                    bar.update(loss, self.lr.schedule(self.step - 1))
-                    done = self.step >= self.total_steps
-                    if (self.eval_every and self.step % self.eval_every == 0) or done:
-                        record = self._evaluate(time.perf_counter() - wall0)
-                        log.write(record)
-                        if writer is not None:
-                            for tag in ("train_loss", "test_accuracy", "test_loss", "lr",
-                                        "images_per_sec"):
-                                if record.get(tag) is not None:
-                                    writer.scalar(tag, record[tag], self.step)
-                        bar.note(f"step {self.step}: test accuracy "
-                                 f"{record['test_accuracy']:.4f}, loss {record['train_loss']:.4f}")
-                        stop = self.cfg.train.stop_at_target and self.tracker.reached
-                    if (self.ckpt_every and self.step % self.ckpt_every == 0) or done or stop:
-                        self._checkpoint()
-                    if done or stop:
-                        break
+            ending = self._steps(log, writer, bar, wall0)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+        if ending == "paused":
+            log.close()
+            self.echo(f"stopped after {self._session_steps} steps at step {self.step} of "
+                      f"{self.total_steps}; continue with --resume")
+            return RunResult(None, self.records, finished=False)
         summary = self._summary(time.perf_counter() - wall0)
         log.write(summary)
         log.close()
         self.echo(summary_table(summary))
         return RunResult(summary, self.records)
+
+    def _steps(self, log, writer, bar, wall0):
+        """Train until the end, the target (stop_at_target) or the session limit; returns
+        "done" | "target" | "paused"."""
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            for x, y in self.batches.epoch(epoch, start):
+                loss = self._train_one(x, y)
+                bar.update(loss, self.lr.schedule(self.step - 1))
+                ending = None
+                if self.step >= self.total_steps:
+                    ending = "done"
+                if (self.eval_every and self.step % self.eval_every == 0) or ending:
+                    record = self._evaluate(time.perf_counter() - wall0)
+                    log.write(record)
+                    if writer is not None:
+                        for tag in ("train_loss", "test_accuracy", "test_loss", "lr",
+                                    "images_per_sec"):
+                            if record.get(tag) is not None:
+                                writer.scalar(tag, record[tag], self.step)
+                    bar.note(f"step {self.step}: test accuracy {record['test_accuracy']:.4f}, "
+                             f"train loss {record['train_loss']:.4f}")
+                    if self.cfg.train.stop_at_target and self.tracker.reached:
+                        ending = ending or "target"
+                if ending is None and self.stop_after is not None \
+                        and self._session_steps >= self.stop_after:
+                    ending = "paused"
+                if ending or (self.ckpt_every and self.step % self.ckpt_every == 0):
+                    self._checkpoint()
+                if ending:
+                    return ending
+        return "done"
 
     def _train_one(self, x, y):
         lr = self.lr.schedule(self.step)
