@@ -103,6 +103,7 @@ def test_launch_runs_hvdscale_train_on_two_workers(tmp_path, launcher, extra):
     hvdscale_launch("--launcher", launcher, *extra, "--np", "2", "--",
                     "hvdscale", "train", str(recipe), "--out", str(out),
                     "--set", "train.max_steps=4", "--set", "train.eval_every_steps=4",
+                    "--set", "lr.warmup=none",
                     "--set", "log.progress=false", "--set", "log.tensorboard=false", timeout=300)
     import yaml
     per_worker = yaml.safe_load(recipe.read_text())["batch"]["per_worker"]
