@@ -88,9 +88,6 @@ def check_supported(cfg):
     if cfg.faults.nonfinite == "skip":
         raise ConfigError("faults.nonfinite: skip is not supported by the engine yet "
                           "(use abort)")
-    if cfg.noise_scale.every:
-        raise ConfigError("noise_scale.every: the gradient-noise-scale probe is not wired "
-                          "into `hvdscale train` yet (set it to 0)")
 
 
 def make_trainer(cfg, comm, threads, model_fn=None):

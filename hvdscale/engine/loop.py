@@ -18,6 +18,7 @@ import numpy as np
 from hvdscale.core.metrics import TargetTracker, scaling_efficiency
 from hvdscale.engine.checkpoint import CheckpointStore
 from hvdscale.engine.lr import plan_lr
+from hvdscale.engine.tensorboard import open_writer
 from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
 from hvdscale.errors import ConfigError, NonFiniteLossError
 
@@ -144,7 +145,7 @@ class Engine:
         self.echo(self.describe())
         root = self.comm.is_root
         log = MetricsLog(self.out / "metrics.jsonl", append=resumed) if root else NullLog()
-        writer = self.backend.summary_writer(self.out / "tensorboard") \
+        writer = open_writer(self.out / "tensorboard") \
             if root and self.cfg.log.tensorboard else None
         bar = Progress(self.total_steps, self.step, root and self.cfg.log.progress)
         wall0 = time.perf_counter()
@@ -241,6 +242,9 @@ class Engine:
             "test_examples": int(totals[1]), "images_per_sec": ips,
             "elapsed_s": self.train_time, "wall_s": wall,
         }
+        extra = getattr(self.backend, "extra_metrics", None)
+        if extra is not None:      # e.g. the online noise scale (b_simple, gns_*)
+            record.update(extra())
         self.records.append(record)
         return record
 

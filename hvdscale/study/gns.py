@@ -41,6 +41,8 @@ class OnlineNoiseScale:
         self.micro_batches = micro_batches
         self._average = average_across_workers or (lambda value: value)
         self.last = None
+        self.steps = 0          # optimizer steps seen (the trainer's own count)
+        self.due_now = False
 
     @classmethod
     def for_step(cls, every, ema, per_worker, accumulation, workers,
@@ -56,6 +58,15 @@ class OnlineNoiseScale:
     def due(self, step):
         return is_due(step, self.every)
 
+    def begin_step(self, accumulation):
+        """Call once per optimizer step: how many micro-batches this step must use (the
+        recipe's accumulation, times the split on due steps of a single worker)."""
+        self.due_now = self.due(self.steps)
+        self.steps += 1
+        if not self.due_now:
+            return accumulation
+        return self.micro_batches
+
     def record(self, local_micro_sq_norms, global_sq_norm):
         """Fold in one step; returns {'b_simple', 'gns_g2', 'gns_trace', 'gns_samples'}."""
         norms = list(local_micro_sq_norms)
@@ -69,7 +80,18 @@ class OnlineNoiseScale:
         return self.last
 
     def state_dict(self):
-        return self.estimator.state_dict()
+        return {"estimator": self.estimator.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state):
-        self.estimator.load_state_dict(state)
+        self.estimator.load_state_dict(state["estimator"])
+        self.steps = int(state["steps"])
+
+
+def from_config(noise_cfg, batch_cfg, comm):
+    """The trainer's OnlineNoiseScale for a recipe, or None when noise_scale.every is 0.
+    comm: hvdscale.comm.Comm (its scalar allreduce is the one extra collective)."""
+    if not noise_cfg.every:
+        return None
+    return OnlineNoiseScale.for_step(
+        noise_cfg.every, noise_cfg.ema, batch_cfg.per_worker, batch_cfg.accumulation, comm.size,
+        average_across_workers=lambda value: comm.allreduce(float(value), op="average"))

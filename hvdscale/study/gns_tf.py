@@ -21,3 +21,32 @@ def sq_norm(gradients, loss_scale=1.0):
     if not parts:
         return tf.constant(0.0, tf.float32)
     return tf.add_n(parts) / (loss_scale * loss_scale)
+
+
+class TFNoiseScale:
+    """What a TF trainer holds to log the online noise scale (noise_scale.every > 0).
+
+    On due steps the trainer takes its accumulation path (local gradients are visible there
+    before the grouped allreduce), with `micro_batches()` pieces; it hands the local squared
+    norms of the pieces and the squared norm of the allreduced gradient to `record`.
+    """
+
+    def __init__(self, noise_cfg, batch_cfg, comm):
+        from hvdscale.study.gns import from_config
+        self.online = from_config(noise_cfg, batch_cfg, comm)
+        if self.online is None:
+            raise ValueError("TFNoiseScale needs noise_scale.every > 0")
+
+    @property
+    def last(self):
+        return self.online.last
+
+    @property
+    def due_now(self):
+        return self.online.due_now
+
+    def micro_batches(self, accumulation):
+        return self.online.begin_step(accumulation)
+
+    def record(self, local_sq_norms, global_sq_norm):
+        return self.online.record([float(v) for v in local_sq_norms], float(global_sq_norm))

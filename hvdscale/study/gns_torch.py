@@ -82,6 +82,7 @@ def grad_sq_norm(parameters):
     return float(total)
 
 
+
 class TorchNoiseScale:
     """What a torch trainer holds to log the online noise scale (noise_scale.every > 0).
 
@@ -93,15 +94,12 @@ class TorchNoiseScale:
     """
 
     def __init__(self, noise_cfg, batch_cfg, comm, model):
-        from hvdscale.study.gns import OnlineNoiseScale
-        self.online = OnlineNoiseScale.for_step(
-            noise_cfg.every, noise_cfg.ema, batch_cfg.per_worker, batch_cfg.accumulation,
-            comm.size, average_across_workers=lambda v: comm.allreduce(float(v), op="average"))
-        self.split = self.online.micro_batches // batch_cfg.accumulation
+        from hvdscale.study.gns import from_config
+        self.online = from_config(noise_cfg, batch_cfg, comm)
+        if self.online is None:
+            raise ValueError("TorchNoiseScale needs noise_scale.every > 0")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.probe = LocalGradientProbe(self.params)
-        self.steps = 0
-        self._due = False
 
     @property
     def last(self):
@@ -109,16 +107,14 @@ class TorchNoiseScale:
 
     def micro_batches(self, accumulation):
         """How many micro-batches this step uses (arms the probe when the estimate is due)."""
-        self._due = self.online.due(self.steps)
-        self.steps += 1
-        if not self._due:
-            return accumulation
-        self.probe.arm()
-        return accumulation * self.split
+        pieces = self.online.begin_step(accumulation)
+        if self.online.due_now:
+            self.probe.arm()
+        return pieces
 
     def step(self, optimizer, loss_scales):
         """optimizer.step(), reading |G_big|^2 between the allreduce and the update."""
-        if not self._due:
+        if not self.online.due_now:
             optimizer.step()
             return None
         if hasattr(optimizer, "skip_synchronize"):      # Horovod's DistributedOptimizer
@@ -133,8 +129,7 @@ class TorchNoiseScale:
         return self.online.record(small, big)
 
     def state_dict(self):
-        return {"estimator": self.online.state_dict(), "steps": self.steps}
+        return self.online.state_dict()
 
     def load_state_dict(self, state):
-        self.online.load_state_dict(state["estimator"])
-        self.steps = int(state["steps"])
+        self.online.load_state_dict(state)

@@ -107,12 +107,20 @@ class TensorFlowTrainer:
                                  else hvd.Compression.none)
             self._op = hvd.Adasum if self.cfg.horovod.adasum else hvd.Average
         accum = self.cfg.batch.accumulation
-        if accum > 1:
+        # online gradient noise scale (hvdscale/study/gns_tf.py); None when switched off
+        self.noise_scale = None
+        if self.cfg.noise_scale.every:
+            from hvdscale.study.gns_tf import TFNoiseScale
+            self.noise_scale = TFNoiseScale(self.cfg.noise_scale, self.cfg.batch, self.comm)
+        if accum > 1 or self.noise_scale is not None:
             self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
                                   for v in self.variables]
         self._step = tf.function(self._single_step)
         self._accumulate = tf.function(self._accumulate_fn)
         self._apply = tf.function(self._apply_accumulated)
+        # the same two steps, also returning squared gradient norms for the noise scale
+        self._accumulate_probe = tf.function(lambda x, y, w: self._accumulate_fn(x, y, w, True))
+        self._apply_probe = tf.function(lambda: self._apply_accumulated(True))
         self._logits = tf.function(lambda x: self.model(x, training=False),
                                    reduce_retracing=True)
 
@@ -132,36 +140,59 @@ class TensorFlowTrainer:
         self.optimizer.apply_gradients(zip(grads, self.variables))
         return loss
 
-    def _accumulate_fn(self, x, y, weight):
+    def _accumulate_fn(self, x, y, weight, probe=False):
         with tf.GradientTape() as tape:
             loss = self._loss(x, y)
         grads = tape.gradient(loss, self.variables)
         for acc, g in zip(self._accumulators, grads):
             acc.assign_add(g * weight)
+        if probe:    # this worker's micro-batch gradient, before any allreduce
+            from hvdscale.study.gns_tf import sq_norm
+            return loss, sq_norm(grads)
         return loss
 
-    def _apply_accumulated(self):
+    def _apply_accumulated(self, probe=False):
         grads = [acc.read_value() for acc in self._accumulators]
         if self.comm.hvd is not None:
             grads = self.comm.hvd.grouped_allreduce(grads, op=self._op,
                                                     compression=self._compression)
+        big = None
+        if probe:    # the averaged gradient, before the optimizer sees it
+            from hvdscale.study.gns_tf import sq_norm
+            big = sq_norm(grads)
         # after backward, before the update: hook point for gradient checks (fault policies)
         self.optimizer.apply_gradients(zip(grads, self.variables))
         for acc in self._accumulators:
             acc.assign(tf.zeros_like(acc))
+        return big
 
     def train_step(self, x, y, lr):
         self.optimizer.learning_rate = lr
         accum = self.cfg.batch.accumulation
-        if accum == 1:
+        noise = self.noise_scale
+        pieces = noise.micro_batches(accum) if noise is not None else accum
+        due = noise is not None and noise.due_now
+        if pieces == 1:
             return float(self._step(tf.constant(x), tf.constant(y)))
-        total = 0.0
-        for xb, yb in zip(np.array_split(x, accum), np.array_split(y, accum)):
+        total, local = 0.0, []
+        for xb, yb in zip(np.array_split(x, pieces), np.array_split(y, pieces)):
             weight = len(yb) / len(y)   # each micro-batch's share of the step's mean gradient
-            total += weight * float(self._accumulate(tf.constant(xb), tf.constant(yb),
-                                                     tf.constant(weight, tf.float32)))
-        self._apply()
+            args = (tf.constant(xb), tf.constant(yb), tf.constant(weight, tf.float32))
+            if due:
+                loss, sq = self._accumulate_probe(*args)
+                local.append(float(sq))
+            else:
+                loss = self._accumulate(*args)
+            total += weight * float(loss)
+        if due:
+            noise.record(local, float(self._apply_probe()))
+        else:
+            self._apply()
         return total
+
+    def extra_metrics(self):
+        """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
+        return dict(self.noise_scale.last or {}) if self.noise_scale is not None else {}
 
     def evaluate(self, batches):
         correct, count, loss_sum = 0, 0, 0.0
@@ -211,21 +242,3 @@ class TensorFlowTrainer:
 
     def parameters(self):
         return {v.path: v.numpy().copy() for v in self.model.trainable_variables}
-
-    def summary_writer(self, logdir):
-        return _TFWriter(tf.summary.create_file_writer(str(logdir)))
-
-
-class _TFWriter:
-    def __init__(self, writer):
-        self._w = writer
-
-    def scalar(self, tag, value, step):
-        with self._w.as_default():
-            tf.summary.scalar(tag, value, step=step)
-
-    def close(self):
-        self._w.flush()
-        self._w.close()
-
-

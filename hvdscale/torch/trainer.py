@@ -85,6 +85,12 @@ class TorchTrainer:
                 backward_passes_per_step=self.cfg.batch.accumulation,
                 op=hvd.Adasum if self.cfg.horovod.adasum else hvd.Average)
         self.optimizer = opt
+        # online gradient noise scale (hvdscale/study/gns_torch.py); None when switched off
+        self.noise_scale = None
+        if self.cfg.noise_scale.every:
+            from hvdscale.study.gns_torch import TorchNoiseScale
+            self.noise_scale = TorchNoiseScale(self.cfg.noise_scale, self.cfg.batch, self.comm,
+                                               self.model)
 
     # ------------------------------------------------------------------ steps
     def _tensor(self, x):
@@ -97,7 +103,9 @@ class TorchTrainer:
         self.model.train()
         self.optimizer.zero_grad()
         accum = self.cfg.batch.accumulation
-        xs, ys = np.array_split(x, accum), np.array_split(y, accum)
+        noise = self.noise_scale
+        pieces = noise.micro_batches(accum) if noise is not None else accum
+        xs, ys = np.array_split(x, pieces), np.array_split(y, pieces)
         total = 0.0
         for xb, yb in zip(xs, ys):
             logits = self.model(self._tensor(xb))
@@ -107,8 +115,15 @@ class TorchTrainer:
             (loss * (len(yb) / len(y))).backward()
             total += loss.item() * len(yb) / len(y)
         # after backward, before the update: hook point for gradient checks (fault policies)
-        self.optimizer.step()
+        if noise is not None:
+            noise.step(self.optimizer, [len(yb) / len(y) for yb in ys])
+        else:
+            self.optimizer.step()
         return total
+
+    def extra_metrics(self):
+        """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
+        return dict(self.noise_scale.last or {}) if self.noise_scale is not None else {}
 
     @torch.no_grad()
     def evaluate(self, batches):
@@ -150,21 +165,3 @@ class TorchTrainer:
 
     def parameters(self):
         return {n: p.detach().cpu().numpy().copy() for n, p in self.model.named_parameters()}
-
-    def summary_writer(self, logdir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return _TorchWriter(SummaryWriter(str(logdir)))
-
-
-class _TorchWriter:
-    def __init__(self, writer):
-        self._w = writer
-
-    def scalar(self, tag, value, step):
-        self._w.add_scalar(tag, value, step)
-
-    def close(self):
-        self._w.close()
