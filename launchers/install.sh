@@ -104,7 +104,7 @@ step "deep-learning frameworks" "$TORCH_REQ $TF_REQ"
 run "${PIPI[@]}" "$TORCH_REQ" "$TF_REQ" tf_keras numpy
 
 step "python dependencies" "hvdscale[dev] requirements"
-run "${PIPI[@]}" -e "$ROOT[dev]"
+run "${PIPI[@]}" -e "${ROOT}[dev]"
 
 step "mpi4py" "mpi4py (built against the system MPI)"
 run "${PIPI[@]}" --no-binary mpi4py mpi4py
@@ -124,7 +124,8 @@ else
     tar -xzf "$BUILD"/horovod-"$HVD_V".tar.gz -C "$BUILD"
     run bash "$PATCH" "$BUILD/horovod-$HVD_V"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
-    export HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)"
+    MAKEFLAGS="-j$(nproc)"
+    export HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS
     if [ "$GPU" = 1 ]; then
         export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST="${CUDA_ARCH//;/,}"
         export HOROVOD_CUDA_ARCH_LIST="$CUDA_ARCH"
