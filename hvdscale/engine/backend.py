@@ -1,6 +1,6 @@
 """What the engine needs from a framework adapter (hvdscale/torch/trainer.py,
 hvdscale/tensorflow/trainer.py). The engine never imports torch or TensorFlow itself."""
-from typing import Dict, Iterable, Optional, Protocol, Tuple
+from typing import Dict, Iterable, Protocol, Tuple
 
 import numpy as np
 
@@ -33,6 +33,3 @@ class Backend(Protocol):
 
     def parameters(self) -> Dict[str, np.ndarray]:
         """Trainable parameters by name (tests compare them across ranks and runs)."""
-
-    def summary_writer(self, logdir) -> Optional[object]:
-        """An object with scalar(tag, value, step) and close(), or None if unavailable."""
