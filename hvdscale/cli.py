@@ -46,4 +46,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m hvdscale.cli` runs this file as __main__; call the importable module's main
+    # so that UsageError is the class hvdscale.errors subclasses (else errors escape as 1).
+    from hvdscale.cli import main as _main
+    sys.exit(_main())

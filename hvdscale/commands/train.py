@@ -115,7 +115,8 @@ def start(cfg, horovod=True):
     return comm, trainer, train_source, eval_source
 
 
-def run(args):
+def build_engine(args):
+    """Everything `hvdscale train` does before the loop: returns the ready Engine."""
     cfg = load_config(args.recipe, args.overrides)
     check_supported(cfg)
     tau_ref = read_tau_ref(args.tau_ref)
@@ -124,14 +125,18 @@ def run(args):
     from hvdscale.engine import Engine
     comm, trainer, train_source, eval_source = start(cfg, horovod=not args.no_horovod)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-np{comm.size}"
-    engine = Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
-                    tau_ref=tau_ref, stop_after=args.stop_after_steps,
-                    hardware=hardware_name(trainer.device_description, comm.size))
+    return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
+                  tau_ref=tau_ref, stop_after=args.stop_after_steps,
+                  hardware=hardware_name(trainer.device_description, comm.size))
+
+
+def run(args):
+    engine = build_engine(args)
     try:
         engine.run()
     except NonFiniteLossError as err:
         print(f"hvdscale train: error: {err}", file=sys.stderr)
         return 3
-    if comm.is_root:
-        print(f"metrics: {out / 'metrics.jsonl'}")
+    if engine.comm.is_root:
+        print(f"metrics: {engine.out / 'metrics.jsonl'}")
     return 0
