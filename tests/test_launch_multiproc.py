@@ -122,7 +122,9 @@ def test_elastic_job_grows_when_the_hosts_file_does(tmp_path):
     out.mkdir()
     proc = subprocess.Popen([*CLI, "launch", "--launcher", "horovodrun", "--controller", "gloo",
                              "--elastic", "--hostfile", str(hosts), "--np", "1", "--min-np", "1",
-                             "--max-np", "2", "--cores-per-node", "2", "--",
+                             "--max-np", "2", "--cores-per-node", "2",
+                             # without a NIC Horovod's elastic driver waits for two hosts
+                             "--network-interface", "lo", "--",
                              sys.executable, str(WORKERS / "elastic_probe.py"), str(out), "2"],
                             env=launch_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

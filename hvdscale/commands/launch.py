@@ -52,7 +52,8 @@ def add_arguments(parser):
     parser.add_argument("--min-np", type=int, help="elastic: fewest workers to keep going")
     parser.add_argument("--max-np", type=int, help="elastic: most workers to scale up to")
     parser.add_argument("--launcher-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for the launcher, passed as is (repeatable)")
+                        help="extra argument for the launcher, passed as is (repeatable; "
+                             "write --launcher-arg=--verbose for options)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command as one shell line and exit")
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- the worker command")
