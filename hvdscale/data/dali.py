@@ -102,7 +102,8 @@ def eval_steps(n, rank, size, batch_size):
 
 
 def _check_framework(framework):
-    if framework not in FRAMEWORKS:
+    # "numpy" (NHWC NumPy batches) is what the training engine's backends take.
+    if framework not in FRAMEWORKS + ("numpy",):
         raise ConfigError(f"framework must be one of {', '.join(FRAMEWORKS)}, not {framework!r}")
 
 
@@ -116,21 +117,23 @@ def _normalise(fn, types, images, spec, layout, fp16, mirror):
         dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout=layout)
 
 
-def _folder_graph(files, labels, shard_id, num_shards, train, spec, decode, layout, fp16):
+def _folder_graph(files, labels, shard_id, num_shards, train, spec, decode, layout, fp16,
+                  channels=3):
     from nvidia.dali import fn, types
 
+    colour = types.RGB if channels == 3 else types.GRAY
     jpegs, label = fn.readers.file(
         files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
         shuffle_after_epoch=train, stick_to_shard=not train, pad_last_batch=True, name=READER)
     if train:
         # Decoding only the crop window saves most of the CPU decode cost of a small crop.
         images = fn.decoders.image_random_crop(
-            jpegs, device=decode, output_type=types.RGB, random_area=list(spec.crop_area),
+            jpegs, device=decode, output_type=colour, random_area=list(spec.crop_area),
             random_aspect_ratio=list(spec.crop_aspect), num_attempts=10)
         images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size)
         mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
     else:
-        images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decode, output_type=colour)
         images = fn.resize(images, resize_shorter=spec.eval_resize)
         mirror = 0
     return _normalise(fn, types, images, spec, layout, fp16, mirror), label
@@ -205,7 +208,7 @@ class DaliLoader:
         self.pipe, self.framework, self.train = pipe, framework, train
         self.steps_per_epoch, self.num_samples = steps_per_epoch, num_samples
         self.batch_size, self.fp16 = batch_size, fp16
-        self.layout = "NCHW" if framework == "torch" else "NHWC"
+        self.layout = "NCHW" if framework == "torch" else "NHWC"     # numpy: NHWC
         self._uses_reader = uses_reader
         self._iterator = None
         self._files = None            # set for folder pipelines, to name a file DALI cannot read
@@ -217,6 +220,8 @@ class DaliLoader:
         try:
             if self.framework == "torch":
                 yield from self._torch_epoch()
+            elif self.framework == "numpy":
+                yield from self._host_batches()
             else:
                 yield from self._numpy_epoch()
         except RuntimeError as err:
@@ -417,29 +422,31 @@ def _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train, dec
         # The reader's own reshuffle ignores the seed, so the seed orders the list it starts from.
         order = np.random.default_rng(seed).permutation(n)
         files, labels = [files[i] for i in order], labels[order]
-    spec = augment or Augment.default(cfg_data.image_size)
+    channels = _cfg(cfg_data, "channels") or 3
+    spec = augment or Augment.default(cfg_data.image_size, channels)
     if framework == "tensorflow" and _tf_backend(tf_backend, decode) == "tfdata":
         from hvdscale.data.tfdata import TFDataLoader
         loader = TFDataLoader(listing.files, listing.labels, train, spec, batch_size, rank, size,
-                              seed, num_threads, fp16)
-        loader.skipped = listing.skipped
+                              seed, num_threads, fp16, channels)
+        loader.skipped, loader.num_examples = listing.skipped, n
         return loader
     layout = "CHW" if framework == "torch" else "HWC"
     device_id = local_rank if decode == "mixed" else None
     pipe = _pipeline(_folder_graph, batch_size, num_threads, device_id, seed + rank,
                      files=files, labels=[int(v) for v in labels], shard_id=rank,
                      num_shards=size, train=train, spec=spec, decode=decode, layout=layout,
-                     fp16=fp16)
+                     fp16=fp16, channels=channels)
     pipe.build()
     if framework == "tensorflow" and tf_plugin_problem() is None:
         loader = DaliTFLoader(pipe, framework, train, steps, num_samples, batch_size, True, fp16,
                               device_id=device_id,
-                              image_shape=(spec.image_size, spec.image_size, 3))
+                              image_shape=(spec.image_size, spec.image_size, channels))
     else:
         loader = DaliLoader(pipe, framework, train, steps, num_samples, batch_size, True, fp16)
     loader._files = files
     loader.skipped = listing.skipped
     loader.classes = listing.classes
+    loader.num_examples = n
     return loader
 
 
@@ -485,5 +492,57 @@ def _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, deco
     pipe.build()
     loader = DaliLoader(pipe, framework, train, source.steps, source.num_samples, batch_size,
                         False, fp16)
-    loader.skipped = []
+    loader.skipped, loader.num_examples = [], len(y)
     return loader
+
+
+# ---------------------------------------------------------------------------------------------
+# the training engine's sources (hvdscale.data.build_sources calls this for imagefolder)
+
+class EngineTrainSource:
+    """The engine's training-source protocol over a DALI loader: num_examples,
+    steps_per_epoch and epoch(epoch, start) -> NHWC float32 / int64 NumPy batches.
+
+    DALI's reader keeps its own epoch count, so epochs must be asked for in order; a resumed
+    run (start > 0, or a later epoch first) gets DALI's next epoch, with `start` batches
+    skipped, not the exact order the interrupted run would have read."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.steps_per_epoch = loader.steps_per_epoch
+        self.num_examples = loader.num_examples
+
+    def epoch(self, epoch, start=0):
+        for step, batch in enumerate(self.loader):
+            if step >= start:
+                yield batch
+
+
+class EngineEvalSource:
+    """The engine's evaluation-source protocol: num_examples and batches() over this rank's
+    exactly-once share."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.num_examples = loader.num_examples
+
+    def batches(self):
+        return iter(self.loader)
+
+
+def build_sources(cfg, rank, size, eval_batch=500):
+    """(train source, eval source) for `hvdscale train` with data.kind imagefolder.
+
+    DALI threads: train.threads, else this node's cores shared among the ranks (one node
+    assumed). Decoding follows data.decode; with mixed decoding the batches still come back
+    to the host, because the engine's backends take NumPy batches."""
+    import os
+
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // size)
+    local = rank % max(1, gpu_count())
+    per_step = cfg.batch.per_worker * cfg.batch.accumulation
+    common = dict(num_threads=threads, local_rank=local)
+    train = build_train_loader(cfg.data, "numpy", per_step, rank, size, cfg.train.seed, **common)
+    evaluate = build_eval_loader(cfg.data, "numpy", max(eval_batch, cfg.batch.per_worker), rank,
+                                 size, cfg.train.seed, **common)
+    return EngineTrainSource(train), EngineEvalSource(evaluate)

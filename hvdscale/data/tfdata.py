@@ -18,7 +18,7 @@ class TFDataLoader:
     layout = "NHWC"
 
     def __init__(self, files, labels, train, spec, batch_size, rank, size, seed, num_threads=1,
-                 fp16=False):
+                 fp16=False, channels=3):
         from hvdscale.data.sharding import shard_indices
 
         self._shard = shard_indices
@@ -27,6 +27,7 @@ class TFDataLoader:
         self.train, self.spec, self.batch_size = train, spec, batch_size
         self.rank, self.size, self.seed = rank, size, seed
         self.num_threads, self.fp16, self.epoch = num_threads, fp16, 0
+        self.channels = channels
         n_rank = len(self._indices(0))
         self.steps_per_epoch = n_rank // batch_size if train else math.ceil(n_rank / batch_size)
         self.num_samples = self.steps_per_epoch * batch_size if train else n_rank
@@ -61,7 +62,8 @@ class TFDataLoader:
         import tensorflow as tf
 
         spec = self.spec
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.io.decode_image(tf.io.read_file(path), channels=self.channels,
+                                    expand_animations=False)
         size = spec.image_size
         if self.train:
             begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -84,5 +86,5 @@ class TFDataLoader:
         std = tf.constant([255.0 * s for s in spec.std], tf.float32)
         image = tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
         image = (image - mean) / std
-        image = tf.ensure_shape(image, (size, size, 3))
+        image = tf.ensure_shape(image, (size, size, self.channels))
         return tf.cast(image, tf.float16 if self.fp16 else tf.float32), label
