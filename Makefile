@@ -33,7 +33,7 @@ doctor: install
 	$(VENV)/bin/hvdscale doctor
 
 lint:
-	shellcheck launchers/*.sh launchers/hvdscale-run .ci/run
+	shellcheck launchers/*.sh launchers/hosts/*.sh launchers/slurm/*.sbatch launchers/hvdscale-run .ci/run
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:

@@ -334,14 +334,21 @@ def test_hvdscale_run_wrapper_passes_every_argument_through(tmp_path):
 
 
 def _doc_examples():
-    text = (REPO / "docs" / "cluster.md").read_text()
+    examples = []
+    for page in ("docs/cluster.md", "README.md"):
+        examples += _page_examples(page)
+    return examples
+
+
+def _page_examples(page):
+    text = (REPO / page).read_text()
     examples, env = [], dict(BASE_ENV)
     for block in re.findall(r"```console\n(.*?)```", text, flags=re.S):
         lines = block.splitlines()
         i = 0
         while i < len(lines):
             line = lines[i]
-            assert line.startswith("$ "), f"docs/cluster.md: output without a command: {line}"
+            assert line.startswith("$ "), f"{page}: output without a command: {line}"
             command = line[2:]
             i += 1
             output = []
