@@ -98,11 +98,11 @@ def make_trainer(cfg, comm, threads, model_fn=None):
     return TensorFlowTrainer(cfg, comm, threads, model_fn=model_fn)
 
 
-def start(cfg, horovod=True):
-    """Horovod + thread setting + data + trainer: what train and bench share. Returns
-    (comm, trainer, train source, eval source)."""
+def start_workers(cfg, horovod=True):
+    """Horovod, threads per worker and the framework trainer: what train and bench share.
+    Returns (comm, trainer)."""
     from hvdscale.comm import init_comm
-    from hvdscale.data import build_sources, check_data
+    from hvdscale.data import check_data
     check_data(cfg.data)
     launched = launched_world_size()
     comm = init_comm(cfg.framework, horovod=horovod)
@@ -110,9 +110,7 @@ def start(cfg, horovod=True):
         raise ConfigError(f"launched as {launched} processes but Horovod for {cfg.framework} "
                           f"is {'disabled' if not horovod else 'not available'} here")
     threads = cfg.train.threads or max(1, cpu_count() // comm.local_size)
-    trainer = make_trainer(cfg, comm, threads)
-    train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
-    return comm, trainer, train_source, eval_source
+    return comm, make_trainer(cfg, comm, threads)
 
 
 def build_engine(args):
@@ -123,7 +121,9 @@ def build_engine(args):
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     from hvdscale.engine import Engine
-    comm, trainer, train_source, eval_source = start(cfg, horovod=not args.no_horovod)
+    from hvdscale.data import build_sources
+    comm, trainer = start_workers(cfg, horovod=not args.no_horovod)
+    train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-np{comm.size}"
     return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
