@@ -41,12 +41,13 @@ def test_plan_budgets_and_overrides(tmp_path):
         ("sgd_lin", 64, 1), ("sgd_lin", 64, 2), ("sgd_lin", 4096, 1), ("sgd_lin", 4096, 2),
         ("lamb", 64, 1), ("lamb", 64, 2), ("lamb", 4096, 1), ("lamb", 4096, 2)]
     small, big = runs[0], runs[2]
-    assert small.max_steps == math.ceil(2 * 60000 / 64) and small.eval_every_steps == 32
+    assert small.max_steps == 2 * (60000 // 64) and small.eval_every_steps == 32
     assert big.max_steps == 50 and big.eval_every_steps == 1      # the step floor binds
     assert (big.per_worker, big.accumulation) == (512, 8)
     sets = dict(s.split("=", 1) for s in big.overrides(settings))
     assert sets["batch.accumulation"] == "8" and sets["train.stop_at_target"] == "false"
-    assert float(sets["train.epochs"]) * 60000 >= 50 * 4096    # epochs never cut the budget
+    # the engine runs round(epochs * steps_per_epoch) steps: exactly the budget
+    assert round(float(sets["train.epochs"]) * (60000 // 4096)) == 50
     assert sets["train.max_steps"] == "50" and sets["train.target_accuracy"] == "0.85"
     cmd = sweep.train_command(big, settings)
     assert cmd[1:5] == ["-m", "hvdscale.cli", "train", big.recipe]

@@ -41,7 +41,11 @@ def add_arguments(parser):
                         help="use only the first N training images")
     parser.add_argument("--set", action="append", default=[], dest="extra_sets", metavar="KEY=VALUE",
                         help="extra recipe override applied to every run")
-    parser.add_argument("--run-timeout", type=int, default=1200, help="seconds per run")
+    parser.add_argument("--run-timeout", type=int, default=1200,
+                        help="seconds per run (runs in their own process only)")
+    parser.add_argument("--subprocess", action="store_true",
+                        help="run each single-worker training as its own `hvdscale train` "
+                             "process (always so with --np > 1)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from OUT/results.json without training")
     parser.add_argument("--no-progress", action="store_true")
@@ -80,7 +84,7 @@ def _settings(args):
         max_per_worker=args.max_per_worker, epochs=args.epochs, min_steps=args.min_steps,
         eval_examples=args.eval_examples, noise_every=args.noise_every, noise_ema=args.noise_ema,
         train_limit=args.train_limit, extra_sets=list(args.extra_sets),
-        run_timeout=args.run_timeout)
+        run_timeout=args.run_timeout, in_process=not args.subprocess)
 
 
 def machine():

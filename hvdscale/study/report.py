@@ -239,7 +239,8 @@ def plot_all(runs, analysis, out_dir, meta):
         if a["predicted"] is not None:
             ax.axvline(a["predicted"], color=color, linestyle="-.", alpha=0.4)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if ax.has_data():
+        ax.set_yscale("log")
     ax.set_xlabel("global batch size")
     ax.set_ylabel(f"steps to {meta.get('target')} test accuracy")
     ax.set_title("Steps to target (dotted: perfect scaling; dashed: B_crit measured; "
@@ -258,7 +259,8 @@ def plot_all(runs, analysis, out_dir, meta):
                 color=colors[i % len(colors)], label=setting)
     if meta.get("target"):
         ax.axhline(meta["target"], color="grey", linestyle=":", label="target")
-    ax.set_xscale("log", base=2)
+    if ax.has_data():
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
     ax.set_ylabel(f"test accuracy after {meta.get('epoch_budget')} epoch(s)")
     ax.grid(True, which="both", alpha=0.3)

@@ -42,6 +42,7 @@ class SweepSettings:
     train_limit: int = None
     extra_sets: list = field(default_factory=list)
     run_timeout: int = 1200
+    in_process: bool = True      # one worker: run the engine here, no per-run start-up
 
 
 @dataclass
@@ -108,9 +109,15 @@ def train_examples(settings):
     return settings.train_limit or 60000
 
 
+def steps_per_epoch(batch_size, settings):
+    """As the engine counts them: full global batches per pass over the training set."""
+    return max(1, train_examples(settings) // batch_size)
+
+
 def _epochs_for_steps(max_steps, batch_size, settings):
-    # train.epochs must cover max_steps so that max_steps is the budget that binds
-    return round(max_steps * batch_size / train_examples(settings) + 1e-6, 6) or 1e-6
+    # train.epochs must cover max_steps (the engine rounds epochs * steps_per_epoch), so that
+    # max_steps is the budget that binds
+    return round((max_steps + 0.25) / steps_per_epoch(batch_size, settings), 6)
 
 
 def plan(settings, out_dir):
@@ -127,7 +134,11 @@ def plan(settings, out_dir):
         for batch in settings.batch_sizes:
             per_worker, accumulation = batch_layout(batch, settings.workers,
                                                     settings.max_per_worker)
-            steps = max(math.ceil(settings.epochs * n_train / batch), settings.min_steps)
+            if batch > n_train:
+                raise ConfigError(f"batch size {batch} is larger than the training set "
+                                  f"({n_train} images)")
+            steps = max(math.ceil(settings.epochs * steps_per_epoch(batch, settings)),
+                        settings.min_steps)
             for seed in settings.seeds:
                 runs.append(RunSpec(
                     setting=label, recipe=str(recipe), batch_size=batch, seed=seed,
@@ -284,6 +295,8 @@ def _run_one(spec, settings, env):
     metrics = Path(spec.out) / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()     # a previous, different attempt must not leak into this record
+    if settings.in_process and settings.workers == 1:
+        return _run_in_process(spec, settings)
     cmd = train_command(spec, settings)
     start = time.time()
     try:
@@ -298,6 +311,46 @@ def _run_one(spec, settings, env):
     (Path(spec.out) / "train.log").write_text(stderr or "")
     evals, summary = read_metrics(metrics)
     return summarize_run(spec, evals, summary, settings, returncode, stderr[-4000:],
+                         wall_s=time.time() - start)
+
+
+def _run_in_process(spec, settings):
+    """The same run as `hvdscale train` in this process (one worker, no Horovod): saves the
+    framework import and start-up per run, which dominate small runs on a busy machine. A run
+    has no time limit here; the budget in steps bounds it."""
+    import argparse
+    import contextlib
+    import io
+    import traceback
+
+    from hvdscale.commands import train as train_command_module
+    from hvdscale.errors import NonFiniteLossError, UsageError
+
+    start = time.time()
+    log = io.StringIO()
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(log):
+            # the train command's own parser and set-up, so this is exactly `hvdscale train`
+            parser = argparse.ArgumentParser(prog="hvdscale train")
+            train_command_module.add_arguments(parser)
+            argv = [spec.recipe, "--out", spec.out, "--no-horovod"]
+            for text in spec.overrides(settings):
+                argv += ["--set", text]
+            train_command_module.build_engine(parser.parse_args(argv)).run()
+    except NonFiniteLossError as err:
+        returncode = 3
+        log.write(f"\nhvdscale train: error: {err}\n")
+    except UsageError as err:
+        returncode = 2
+        log.write(f"\nhvdscale train: error: {err}\n")
+    except Exception:  # noqa: BLE001 -- one broken run is recorded, the sweep goes on
+        returncode = 1
+        log.write("\n" + traceback.format_exc())
+    text = log.getvalue()
+    (Path(spec.out) / "train.log").write_text(text)
+    evals, summary = read_metrics(Path(spec.out) / "metrics.jsonl")
+    return summarize_run(spec, evals, summary, settings, returncode, text[-4000:],
                          wall_s=time.time() - start)
 
 
