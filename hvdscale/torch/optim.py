@@ -1,0 +1,288 @@
+"""LARS and LAMB for PyTorch, and the optimizer factory used by the trainer.
+
+The update rules are the ones in hvdscale.core.optim_math (see docs/toolbox.md), computed with
+multi-tensor `torch._foreach_*` operations on all tensors of a param group at once (per-tensor
+norms with one `_foreach_norm`, per-tensor trust ratios as one small vector). No tensor-sized
+temporary is allocated per step: state is updated in place and LAMB builds its direction in a
+reusable scratch buffer, since fresh large allocations (page faults on CPU, allocator work on
+GPU) cost as much as the arithmetic.
+Parameters are excluded from weight decay and from the trust ratio by hvdscale.core's rule
+(1-D by default, plus name regexes when the optimizer gets named parameters).
+"""
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from hvdscale.core.exclusions import ExclusionRule
+from hvdscale.errors import ConfigError
+
+
+def _check(cond, message):
+    if not cond:
+        raise ConfigError(message)
+
+
+def _finite(value, what, low=0.0, high=None, high_open=False):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and value >= low and (high is None or (value < high if high_open else value <= high)))
+    bound = f" and {'<' if high_open else '<='} {high}" if high is not None else ""
+    _check(ok, f"{what} must be a finite number >= {low}{bound}, got {value!r}")
+    return float(value)
+
+
+class _LayerwiseOptimizer(Optimizer):
+    """Common parts: exclusion flags from names, state gathering, per-tensor scalars."""
+
+    def __init__(self, params, defaults):
+        _finite(defaults["lr"], "lr")
+        _finite(defaults["weight_decay"], "weight_decay")
+        ExclusionRule(defaults["exclude_1d"], defaults["exclude"])  # validates the regexes now
+        super().__init__(params, defaults)
+
+    def _excluded_flags(self, group, params):
+        rule = ExclusionRule(group["exclude_1d"], group["exclude"])
+        names = group.get("param_names")
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        return [rule(names[index[id(p)]] if names else None, p.ndim) for p in params]
+
+    @staticmethod
+    def _with_grads(group):
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(group).__name__}: sparse gradients are not supported")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    @staticmethod
+    def _per_tensor(values):
+        """A 1-D tensor of per-tensor factors as a list of 0-d tensors for _foreach_* ops."""
+        return list(values.unbind(0))
+
+
+class LARS(_LayerwiseOptimizer):
+    """Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017) on SGD with momentum.
+
+        ratio = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)  (1 if excluded
+                or a norm is 0);  v = momentum * v + lr * ratio * (g + weight_decay * w);  w -= v
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+                 eps=1e-8, exclude_1d=True, exclude=()):
+        _finite(momentum, "momentum", high=1.0, high_open=True)
+        _finite(trust_coefficient, "trust_coefficient")
+        _finite(eps, "eps")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps,
+                                      exclude_1d=exclude_1d, exclude=tuple(exclude or ())))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._with_grads(group)
+            if not params:
+                continue
+            excluded = self._excluded_flags(group, params)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            lr, wd, eta, eps = group["lr"], group["weight_decay"], group["trust_coefficient"], group["eps"]
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            skip = torch.tensor(excluded, device=w_norm.device)
+            trusted = ~skip & (w_norm > 0) & (g_norm > 0)
+            ratio = torch.where(trusted, eta * w_norm / (g_norm + wd * w_norm + eps),
+                                torch.ones_like(w_norm))
+            coef = lr * ratio
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_addcmul_(bufs, grads, self._per_tensor(coef))
+            decayed = [i for i, e in enumerate(excluded) if not e]
+            if wd != 0 and decayed:
+                torch._foreach_addcmul_([bufs[i] for i in decayed], [params[i] for i in decayed],
+                                        self._per_tensor(coef[decayed] * wd))
+            torch._foreach_sub_(params, bufs)
+        return loss
+
+
+class LAMB(_LayerwiseOptimizer):
+    """Layer-wise Adaptive Moments for Batch training (You et al. 2019), AdamW-based.
+
+        r = m_hat / (sqrt(v_hat) + eps);  u = r + weight_decay * w  (r if excluded)
+        ratio = min(||w||, clamp_value) / ||u||  (1 if excluded or a norm is 0; at most
+                max_trust_ratio if set);  w -= lr * ratio * u
+    The direction u is built in a persistent scratch buffer (one tensor per parameter, reused
+    every step) so that no tensor-sized memory is allocated per step.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 bias_correction=True, clamp_value=None, max_trust_ratio=None, exclude_1d=True,
+                 exclude=()):
+        _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be a pair, got {betas!r}")
+        for i, b in enumerate(betas):
+            _finite(b, f"betas[{i}]", high=1.0, high_open=True)
+        _finite(eps, "eps")
+        if clamp_value is not None:
+            _finite(clamp_value, "clamp_value")
+        if max_trust_ratio is not None:
+            _finite(max_trust_ratio, "max_trust_ratio")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bool(bias_correction), clamp_value=clamp_value,
+                                      max_trust_ratio=max_trust_ratio, exclude_1d=exclude_1d,
+                                      exclude=tuple(exclude or ())))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._with_grads(group)
+            if not params:
+                continue
+            excluded = self._excluded_flags(group, params)
+            by_step = {}
+            for i, p in enumerate(params):
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                by_step.setdefault(state["step"], []).append(i)
+            # normally one bucket; parameters that missed steps keep their own bias correction
+            for step, idx in by_step.items():
+                self._update(group, step, [params[i] for i in idx], [grads[i] for i in idx],
+                             [excluded[i] for i in idx])
+        return loss
+
+    def _scratch_for(self, params):
+        """Reusable direction buffers: not part of the optimizer state (never checkpointed)."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        out = []
+        for p in params:
+            buf = scratch.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        return out
+
+    def _update(self, group, step, params, grads, excluded):
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if group["bias_correction"]:
+            bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+        else:
+            bc1 = bc2 = 1.0
+        # r = (m / bc1) / (sqrt(v / bc2) + eps) = d / c with d = m / (sqrt(v) + eps * sqrt(bc2))
+        # and c = bc1 / sqrt(bc2). Build c * u = d + (wd * c) * w in U: one pass fewer, and
+        # ||u|| = ||U|| / c, w -= (lr * ratio / c) * U.
+        c = bc1 / math.sqrt(bc2)
+        M = [self.state[p]["exp_avg"] for p in params]
+        V = [self.state[p]["exp_avg_sq"] for p in params]
+        U = self._scratch_for(params)
+        torch._foreach_lerp_(M, grads, 1 - beta1)
+        torch._foreach_mul_(V, beta2)
+        torch._foreach_addcmul_(V, grads, grads, value=1 - beta2)
+        torch._foreach_copy_(U, V)
+        torch._foreach_sqrt_(U)
+        torch._foreach_add_(U, eps * math.sqrt(bc2))
+        torch._foreach_reciprocal_(U)
+        torch._foreach_mul_(U, M)
+        decayed = [i for i, e in enumerate(excluded) if not e]
+        if wd != 0 and decayed:
+            torch._foreach_add_([U[i] for i in decayed], [params[i] for i in decayed], alpha=wd * c)
+
+        device, dtype = params[0].device, params[0].dtype
+        ratio_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ratio = torch.ones(len(params), device=device, dtype=ratio_dtype)
+        if decayed:
+            w_norm = torch.stack(torch._foreach_norm([params[i] for i in decayed])).to(ratio_dtype)
+            u_norm = torch.stack(torch._foreach_norm([U[i] for i in decayed])).to(ratio_dtype) / c
+            if group["clamp_value"] is not None:
+                w_norm = w_norm.clamp(max=group["clamp_value"])
+            trusted = (w_norm > 0) & (u_norm > 0)
+            r = torch.where(trusted, w_norm / torch.where(trusted, u_norm, 1.0), 1.0)
+            if group["max_trust_ratio"] is not None:
+                r = r.clamp(max=group["max_trust_ratio"])
+            ratio[torch.tensor(decayed, device=device)] = r
+        scale = (ratio * (-lr / c)).to(dtype)
+        torch._foreach_addcmul_(params, U, self._per_tensor(scale))
+
+
+def _getter(cfg):
+    if cfg is None:
+        return lambda key, default: default
+    if isinstance(cfg, dict):
+        return lambda key, default: default if cfg.get(key) is None else cfg.get(key)
+    return lambda key, default: default if getattr(cfg, key, None) is None else getattr(cfg, key)
+
+
+def _named_parameters(model):
+    if hasattr(model, "named_parameters"):
+        named = list(model.named_parameters())
+    else:
+        items = list(model)
+        named = [item if isinstance(item, tuple) else (None, item) for item in items]
+    return [(n, p) for n, p in named if p.requires_grad]
+
+
+def split_for_weight_decay(named_params, weight_decay, exclude_1d=True, exclude=()):
+    """Two torch param groups: decayed parameters and excluded ones (weight_decay 0)."""
+    rule = ExclusionRule(exclude_1d, exclude)
+    decay, skip = [], []
+    for name, p in named_params:
+        (skip if rule(name, p.ndim) else decay).append((name, p))
+    groups = [{"params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+               "weight_decay": weight_decay},
+              {"params": [p for _, p in skip], "param_names": [n for n, _ in skip], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
+
+
+def build_optimizer(name, model, lr, cfg_optimizer=None):
+    """The optimizer `name` (sgd | lars | lamb | adamw) for `model` (a module, named_parameters
+    or parameters) at learning rate `lr`; the rest comes from the recipe's optimizer section
+    (dict or object: momentum, betas, eps, weight_decay, trust_coefficient, exclude_1d, exclude,
+    and optionally nesterov, bias_correction, clamp_value, max_trust_ratio)."""
+    get = _getter(cfg_optimizer)
+    name = str(name).lower()
+    named = _named_parameters(model)
+    _check(bool(named), "the model has no trainable parameters")
+    exclude_1d, exclude = bool(get("exclude_1d", True)), tuple(get("exclude", ()))
+    names = [n for n, _ in named]
+    if exclude and any(n is None for n in names):
+        raise ConfigError("exclude patterns need parameter names: pass the model or named_parameters()")
+    if name == "sgd":
+        wd = _finite(get("weight_decay", 0.0), "weight_decay")
+        return torch.optim.SGD(split_for_weight_decay(named, wd, exclude_1d, exclude), lr=_finite(lr, "lr"),
+                               momentum=_finite(get("momentum", 0.9), "momentum", high=1.0, high_open=True),
+                               nesterov=bool(get("nesterov", False)))
+    if name == "adamw":
+        wd = _finite(get("weight_decay", 0.01), "weight_decay")
+        return torch.optim.AdamW(split_for_weight_decay(named, wd, exclude_1d, exclude), lr=_finite(lr, "lr"),
+                                 betas=tuple(get("betas", (0.9, 0.999))), eps=_finite(get("eps", 1e-8), "eps"))
+    params = named if all(n is not None for n in names) else [p for _, p in named]
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=get("momentum", 0.9), weight_decay=get("weight_decay", 0.0),
+                    trust_coefficient=get("trust_coefficient", 0.001), eps=get("eps", 1e-8),
+                    exclude_1d=exclude_1d, exclude=exclude)
+    if name == "lamb":
+        return LAMB(params, lr=lr, betas=tuple(get("betas", (0.9, 0.999))), eps=get("eps", 1e-6),
+                    weight_decay=get("weight_decay", 0.01), bias_correction=get("bias_correction", True),
+                    clamp_value=get("clamp_value", None), max_trust_ratio=get("max_trust_ratio", None),
+                    exclude_1d=exclude_1d, exclude=exclude)
+    raise ConfigError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
