@@ -138,6 +138,11 @@ def test_report_states_the_rule_and_the_measured_and_predicted_b_crit(tmp_path):
     assert "exceed perfect scaling" in text and "2x" in text
     assert "| lamb | lamb |" in text and "backward_passes_per_step" in text
     assert "> 60" in text                     # the missed point is shown as a lower bound
+    # findings: prediction vs measurement, and the second setting's B_crit against the first
+    ratio = lamb["predicted"] / lamb["measured"].b_crit
+    assert f"predicts 3200, {ratio:.2f}x the measured value" in text
+    up = lamb["measured"].b_crit / analysis["sgd_lin"]["measured"].b_crit
+    assert f"lamb vs sgd_lin: B_crit {up:.2f}x that of sgd_lin (up)" in text
     row = next(line for line in text.splitlines() if line.startswith("| 1024 | lamb"))
     assert f"{30 * (1 + 4000 / 1024):.0f}" in row
     for png in (report.STEPS_PLOT, report.ACCURACY_PLOT, report.NOISE_PLOT):

@@ -130,6 +130,57 @@ def _ratio_note(measured, predicted):
     return f"{ratio:.2f}x"
 
 
+def findings(analysis):
+    """Plain sentences: predicted vs measured B_crit per setting, and each setting's B_crit and
+    small-batch cost against the first setting (the baseline)."""
+    out = []
+    settings = list(analysis)
+    for setting in settings:
+        a = analysis[setting]
+        measured, predicted = a["measured"], a["predicted"]
+        text = f"- **{setting}**: {measured.describe()}"
+        if predicted is not None and measured.b_crit is not None:
+            ratio = predicted / measured.b_crit
+            word = "below" if ratio < 1 else "above"
+            text += (f"; the noise scale predicts {predicted:.0f}, {ratio:.2f}x the measured value "
+                     f"({abs(math.log2(ratio)):.1f} octaves {word})")
+        elif predicted is not None:
+            text += f"; the noise scale predicts {predicted:.0f}"
+        else:
+            text += "; no noise-scale reading at the target"
+        out.append(text + ".")
+    if len(settings) > 1:
+        base = analysis[settings[0]]
+        base_row = base["rows"][0]
+        for setting in settings[1:]:
+            a = analysis[setting]
+            row = a["rows"][0]
+            parts = []
+            mb, bb = a["measured"], base["measured"]
+            if mb.b_crit is not None and bb.b_crit is not None:
+                parts.append(f"B_crit {mb.b_crit / bb.b_crit:.2f}x that of {settings[0]} "
+                             f"({'up' if mb.b_crit > bb.b_crit else 'down'})")
+            else:
+                parts.append(f"B_crit not comparable with {settings[0]} "
+                             f"({mb.status} vs {bb.status})")
+            if row["reached"] and base_row["reached"] and row["batch_size"] == base_row["batch_size"]:
+                parts.append(f"at batch {row['batch_size']} it needs "
+                             f"{row['steps_to_target'] / base_row['steps_to_target']:.2f}x the "
+                             f"steps of {settings[0]}")
+            largest = [r for r in a["rows"] if r["reached"]]
+            if largest:
+                top = largest[-1]
+                parts.append(f"largest batch reaching the target: {top['batch_size']} in "
+                             f"{top['steps_to_target']:.0f} steps")
+            out.append(f"- {setting} vs {settings[0]}: " + "; ".join(parts) + ".")
+        base_reached = [r for r in base["rows"] if r["reached"]]
+        if base_reached:
+            top = base_reached[-1]
+            out.append(f"- {settings[0]}: largest batch reaching the target: {top['batch_size']} "
+                       f"in {top['steps_to_target']:.0f} steps.")
+    return out
+
+
 def write_report(runs, out_dir, meta):
     """Write report.md and the PNGs into out_dir; returns the path of report.md.
 
@@ -172,6 +223,7 @@ def write_report(runs, out_dir, meta):
                      f"{bracket} | {_fmt(fit[1] if fit else None)} | "
                      f"{_fmt(fit[0] if fit else None)} | {predicted} | "
                      f"{_ratio_note(measured, a['predicted'])} |")
+    lines += ["", "## Findings (computed from the table below)", ""] + findings(analysis)
     lines += ["", f"![steps to target vs batch size]({plots['steps']})", "",
               f"![accuracy vs batch size at a fixed epoch budget]({plots['accuracy']})", ""]
     if plots.get("noise"):
