@@ -185,3 +185,14 @@ def test_two_horovod_workers_train_in_step_with_distributed_gradient_tape(tmp_pa
         np.testing.assert_allclose(r0["checksums"], r1["checksums"], rtol=1e-6, atol=1e-6)
         # And the first update is -lr * the mean of the two ranks' local gradients.
         assert r0["first_update_error"] < 1e-5 and r1["first_update_error"] < 1e-5
+
+
+def test_a_saved_resnet_loads_back_with_its_custom_blocks(tmp_path):
+    model = built("resnet8", zero_init_residual=False)
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype("float32")
+    path = tmp_path / "resnet8.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(b).__name__ for b in residual_blocks(loaded)] == ["BasicBlock"] * 3
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
+                               np.asarray(model(x, training=False)), rtol=0, atol=1e-6)

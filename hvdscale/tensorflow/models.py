@@ -45,6 +45,17 @@ def _bn(zero_gamma=False, name=None):
         gamma_initializer="zeros" if zero_gamma else "ones", name=name)
 
 
+def _build_chain(chain, shape):
+    """Build layers that run one after another from an input shape; returns the last shape.
+    The blocks build their sublayers eagerly so that loading a saved model finds every
+    variable in place."""
+    for layer in chain:
+        if layer is not None:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+    return shape
+
+
 def _classifier(num_classes):
     return layers.Dense(num_classes, name="fc",
                         kernel_initializer=keras.initializers.RandomNormal(
@@ -70,6 +81,14 @@ class BasicBlock(layers.Layer):
     @property
     def last_bn(self):
         return self.bn2
+
+    def build(self, input_shape):
+        _build_chain([self.pad1, self.conv1, self.bn1, self.conv2, self.bn2], input_shape)
+        super().build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv1.compute_output_shape(
+            self.pad1.compute_output_shape(input_shape) if self.pad1 is not None else input_shape)
 
     def residual(self, x, training=None):
         if self.pad1 is not None:
@@ -120,6 +139,19 @@ class Bottleneck(layers.Layer):
     @property
     def last_bn(self):
         return self.bn3
+
+    def build(self, input_shape):
+        _build_chain([self.conv1, self.bn1, self.pad2, self.conv2, self.bn2, self.conv3,
+                      self.bn3], input_shape)
+        if self.has_projection:
+            _build_chain([self.shortcut_conv, self.shortcut_bn], input_shape)
+        super().build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        shape = self.conv1.compute_output_shape(input_shape)
+        if self.pad2 is not None:
+            shape = self.pad2.compute_output_shape(shape)
+        return self.conv3.compute_output_shape(self.conv2.compute_output_shape(shape))
 
     def residual(self, x, training=None):
         x = ops.relu(self.bn1(self.conv1(x), training=training))
