@@ -157,8 +157,8 @@ def write_fashion_mnist(out, size=28, train_limit=None, val_limit=None, quality=
     """Write Fashion-MNIST as JPEGs: OUT/train/<label>_<name>/<index>.jpg and OUT/val/...
 
     `size` > 28 upscales (bicubic) to make realistically sized JPEGs for the decode benchmark.
-    The limits take the first N images of each split (class-balanced enough for tests).
-    Returns {split: count}.
+    A limit takes N images of the split, visiting the classes in turn, so every class folder
+    gets images (the labels of train and val must line up). Returns {split: count}.
     """
     from PIL import Image
 
@@ -169,18 +169,33 @@ def write_fashion_mnist(out, size=28, train_limit=None, val_limit=None, quality=
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not empty (choose a new directory)")
+    classes = len(FASHION_MNIST_CLASSES)
+    for limit in (train_limit, val_limit):
+        if limit is not None and limit < classes:
+            raise DataError(f"a limit of {limit} images cannot fill {classes} class folders")
     x_train, y_train, x_test, y_test = load_fashion_mnist(root)
     counts = {}
     for split, x, y, limit in (("train", x_train, y_train, train_limit),
                                ("val", x_test, y_test, val_limit)):
-        x, y = x[:limit], y[:limit]
+        take = np.arange(len(y)) if limit is None else np.sort(_classes_in_turn(y)[:limit])
         folders = [out / split / f"{k}_{name}" for k, name in enumerate(FASHION_MNIST_CLASSES)]
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        for index, (pixels, label) in enumerate(zip(x, y)):
+        for index in take.tolist():      # the file name is the index in the source set
+            pixels, label = x[index], y[index]
             img = Image.fromarray(pixels, mode="L")
             if size != pixels.shape[0]:
                 img = img.resize((size, size), Image.BICUBIC)
             img.save(folders[int(label)] / f"{index:05d}.jpg", quality=quality)
-        counts[split] = len(y)
+        counts[split] = len(take)
     return counts
+
+
+def _classes_in_turn(labels):
+    """Indices ordered one of each class, then the second of each, ... (stable within a class)."""
+    seen = {}
+    turn = np.empty(len(labels), dtype=np.int64)
+    for i, label in enumerate(labels.tolist()):
+        turn[i] = seen.get(label, 0)
+        seen[label] = turn[i] + 1
+    return np.lexsort((labels, turn))
