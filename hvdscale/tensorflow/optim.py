@@ -34,6 +34,11 @@ def variable_name(variable):
     return getattr(variable, "path", None) or variable.name
 
 
+def _const(value, dtype):
+    # tf.cast(python_float, float64) would round through float32 first
+    return tf.constant(value, dtype)
+
+
 def _norm(x):
     return tf.sqrt(tf.reduce_sum(tf.square(x)))
 
@@ -93,13 +98,13 @@ class LARS(_LayerwiseOptimizer):
         if self.is_excluded(variable):
             step = lr * g
         else:
-            wd = tf.cast(self.layerwise_weight_decay, dtype)
+            wd = _const(self.layerwise_weight_decay, dtype)
             w_norm, g_norm = _norm(w), _norm(g)
             trusted = tf.logical_and(w_norm > 0, g_norm > 0)
-            ratio = tf.where(trusted, self.trust_coefficient * w_norm
-                             / (g_norm + wd * w_norm + tf.cast(self.epsilon, dtype)), tf.ones_like(w_norm))
+            ratio = tf.where(trusted, _const(self.trust_coefficient, dtype) * w_norm
+                             / (g_norm + wd * w_norm + _const(self.epsilon, dtype)), tf.ones_like(w_norm))
             step = (lr * ratio) * (g + wd * w)
-        self.assign(buf, tf.cast(self.momentum, dtype) * buf + step)
+        self.assign(buf, _const(self.momentum, dtype) * buf + step)
         self.assign_sub(variable, buf)
 
     def get_config(self):
@@ -140,7 +145,7 @@ class LAMB(_LayerwiseOptimizer):
         g = tf.cast(tf.convert_to_tensor(gradient), dtype)
         w = tf.convert_to_tensor(variable)
         i = self._get_variable_index(variable)
-        b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        b1, b2 = _const(self.beta_1, dtype), _const(self.beta_2, dtype)
         m = b1 * self._m[i] + (1 - b1) * g
         v = b2 * self._v[i] + (1 - b2) * g * g
         self.assign(self._m[i], m)
@@ -148,18 +153,18 @@ class LAMB(_LayerwiseOptimizer):
         if self.bias_correction:
             t = tf.cast(self.iterations + 1, dtype)
             m, v = m / (1 - tf.pow(b1, t)), v / (1 - tf.pow(b2, t))
-        u = m / (tf.sqrt(v) + tf.cast(self.epsilon, dtype))
+        u = m / (tf.sqrt(v) + _const(self.epsilon, dtype))
         if self.is_excluded(variable):
             self.assign_sub(variable, lr * u)
             return
-        u = u + tf.cast(self.layerwise_weight_decay, dtype) * w
+        u = u + _const(self.layerwise_weight_decay, dtype) * w
         w_norm, u_norm = _norm(w), _norm(u)
         if self.clamp_value is not None:
-            w_norm = tf.minimum(w_norm, tf.cast(self.clamp_value, dtype))
+            w_norm = tf.minimum(w_norm, _const(self.clamp_value, dtype))
         trusted = tf.logical_and(w_norm > 0, u_norm > 0)
         ratio = tf.where(trusted, w_norm / tf.where(trusted, u_norm, tf.ones_like(u_norm)), tf.ones_like(w_norm))
         if self.max_trust_ratio is not None:
-            ratio = tf.minimum(ratio, tf.cast(self.max_trust_ratio, dtype))
+            ratio = tf.minimum(ratio, _const(self.max_trust_ratio, dtype))
         self.assign_sub(variable, (lr * ratio) * u)
 
     def get_config(self):
