@@ -16,7 +16,7 @@ COMMON = ["--set", "data.train_limit=1024", "--set", "data.test_limit=301",
           "--set", "batch.per_worker=32", "--set", "batch.reference=64",
           "--set", "train.epochs=1", "--set", "lr.warmup_steps=2",
           "--set", "train.eval_every_steps=8", "--set", "log.progress=false"]
-OPTIMIZER = {"torch": "lamb", "tensorflow": "sgd"}
+OPTIMIZER = {"torch": "lamb", "tensorflow": "lamb"}
 
 
 def params(path):

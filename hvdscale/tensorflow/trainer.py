@@ -12,25 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvdscale.errors import ConfigError
-
-
-def _optimizer_factory():
-    try:
-        from hvdscale.tensorflow.optim import build_optimizer
-        return build_optimizer
-    except ImportError:   # the toolbox's optimizers have not landed: SGD/AdamW stand in
-        return _standin_optimizer
-
-
-def _standin_optimizer(name, learning_rate, opt_cfg):
-    import keras
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=opt_cfg.momentum)
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, beta_1=opt_cfg.betas[0],
-                                      beta_2=opt_cfg.betas[1], epsilon=opt_cfg.eps,
-                                      weight_decay=opt_cfg.weight_decay)
-    raise ConfigError(f"optimizer.name {name!r} needs hvdscale.tensorflow.optim, which is missing")
+from hvdscale.tensorflow.optim import build_optimizer
 
 
 def configure_threads(threads):
@@ -95,7 +77,7 @@ class TensorFlowTrainer:
         import keras
         keras.utils.set_random_seed(self.cfg.train.seed)
         self.model = self._build_model()
-        self.optimizer = _optimizer_factory()(self.cfg.optimizer.name,
+        self.optimizer = build_optimizer(self.cfg.optimizer.name,
                                               self.cfg.optimizer.base_lr, self.cfg.optimizer)
         self.variables = list(self.model.trainable_variables)
         self.optimizer.build(self.variables)

@@ -11,24 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hvdscale.errors import ConfigError
-
-
-def _optimizer_factory():
-    try:
-        from hvdscale.torch.optim import build_optimizer
-        return build_optimizer
-    except ImportError:   # the toolbox's optimizers have not landed: SGD/AdamW stand in
-        return _standin_optimizer
-
-
-def _standin_optimizer(name, model, lr, opt_cfg):
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=opt_cfg.momentum,
-                               weight_decay=opt_cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(opt_cfg.betas),
-                                 eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-    raise ConfigError(f"optimizer.name {name!r} needs hvdscale.torch.optim, which is missing")
+from hvdscale.torch.optim import build_optimizer
 
 
 class TorchTrainer:
@@ -71,7 +54,7 @@ class TorchTrainer:
     def build(self):
         torch.manual_seed(self.cfg.train.seed)
         self.model = self._build_model().to(self.device)
-        opt = _optimizer_factory()(self.cfg.optimizer.name, self.model,
+        opt = build_optimizer(self.cfg.optimizer.name, self.model,
                                    self.cfg.optimizer.base_lr, self.cfg.optimizer)
         hvd = self.comm.hvd
         if hvd is not None:
