@@ -34,6 +34,13 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     return tf.reduce_mean(nll)
 
 
+def broadcast_from_root(hvd, variables):
+    """Give every rank rank 0's values (eagerly, one collective per variable)."""
+    for i, var in enumerate(variables):
+        var.assign(hvd.broadcast(tf.convert_to_tensor(var), root_rank=0,
+                                 name=f"hvdscale.init.{i}"))
+
+
 class TensorFlowTrainer:
     framework = "tensorflow"
     checkpoint_suffix = ".npz"
@@ -80,11 +87,13 @@ class TensorFlowTrainer:
         self.optimizer = build_optimizer(self.cfg.optimizer.name,
                                               self.cfg.optimizer.base_lr, self.cfg.optimizer)
         self.variables = list(self.model.trainable_variables)
+        # the tf.Variables under Keras 3's wrappers: DistributedGradientTape needs .ref()
+        self._sources = [getattr(v, "value", v) for v in self.variables]
         self.optimizer.build(self.variables)
         hvd = self.comm.hvd
         if hvd is not None:
-            hvd.broadcast_variables(self.model.variables, root_rank=0)
-            hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
+            # hvd.broadcast_variables wants tf.Variables; Keras 3 variables are wrappers
+            broadcast_from_root(hvd, list(self.model.variables) + list(self.optimizer.variables))
             self._compression = (hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
                                  else hvd.Compression.none)
             self._op = hvd.Adasum if self.cfg.horovod.adasum else hvd.Average
@@ -117,7 +126,7 @@ class TensorFlowTrainer:
         if self.comm.hvd is not None:
             tape = self.comm.hvd.DistributedGradientTape(tape, compression=self._compression,
                                                          op=self._op)
-        grads = tape.gradient(loss, self.variables)
+        grads = tape.gradient(loss, self._sources)
         # after backward, before the update: hook point for gradient checks (fault policies)
         self.optimizer.apply_gradients(zip(grads, self.variables))
         return loss
@@ -190,9 +199,11 @@ class TensorFlowTrainer:
     def sync_statistics(self):
         if not self.comm.distributed:
             return
-        stats = [v for v in self.model.non_trainable_variables if v.dtype.is_floating]
-        for var, avg in zip(stats, self.comm.allreduce_many([v.numpy() for v in stats])):
-            var.assign(avg.astype(var.dtype.as_numpy_dtype))
+        # Keras 3 variables report their dtype as a string ("float32")
+        stats = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
+        values = [np.asarray(v.numpy()) for v in stats]
+        for var, old, avg in zip(stats, values, self.comm.allreduce_many(values)):
+            var.assign(avg.astype(old.dtype))
 
     # ------------------------------------------------------------------ state
     def _state_variables(self):
