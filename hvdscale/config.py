@@ -145,6 +145,13 @@ class CheckpointConfig:
 @dataclass
 class FaultsConfig:
     nonfinite: str = _spec("abort", str, choices=NONFINITE_POLICIES)
+    # a rank whose step has not finished for this long ends the job (null = never)
+    step_timeout_s: Optional[float] = _spec(900.0, float, nullable=True, check=_positive,
+                                            why="must be > 0 (null = no watchdog)")
+    # debug: feed NaNs to rank inject_nan_rank at this step (tests of the policy)
+    inject_nan_at_step: Optional[int] = _spec(None, int, nullable=True, check=_non_negative,
+                                              why="must be >= 0")
+    inject_nan_rank: int = _spec(0, int, check=_non_negative, why="must be >= 0")
 
 
 @dataclass

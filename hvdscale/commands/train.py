@@ -85,9 +85,12 @@ def hardware_name(device, workers):
 
 def check_supported(cfg):
     """Recipe features that validate but that this engine does not run yet."""
-    if cfg.faults.nonfinite == "skip":
-        raise ConfigError("faults.nonfinite: skip is not supported by the engine yet "
-                          "(use abort)")
+    if cfg.faults.nonfinite == "skip" and cfg.framework != "torch":
+        raise ConfigError(f"faults.nonfinite: skip is implemented for torch only, not "
+                          f"{cfg.framework} (use abort)")
+    if cfg.faults.nonfinite == "skip" and cfg.horovod.adasum:
+        raise ConfigError("faults.nonfinite: skip cannot be combined with horovod.adasum "
+                          "(Adasum has no separate synchronize step to check before)")
 
 
 def make_trainer(cfg, comm, threads, model_fn=None):
@@ -131,12 +134,20 @@ def build_engine(args):
 
 
 def run(args):
+    from hvdscale.engine.faults import lost_worker_message, worker_lost
     engine = build_engine(args)
     try:
         engine.run()
     except NonFiniteLossError as err:
-        print(f"hvdscale train: error: {err}", file=sys.stderr)
+        print(f"hvdscale train: error: rank {engine.comm.rank}: {err}", file=sys.stderr)
         return 3
+    except Exception as err:  # noqa: BLE001 - only Horovod's peer-lost shutdown is handled
+        if not worker_lost(err):
+            raise
+        print(f"hvdscale train: error: rank {engine.comm.rank}: "
+              f"{lost_worker_message(engine.step, engine.last_checkpoint_step)}",
+              file=sys.stderr, flush=True)
+        return 4
     if engine.comm.is_root:
         print(f"metrics: {engine.out / 'metrics.jsonl'}")
     return 0

@@ -17,10 +17,11 @@ import numpy as np
 
 from hvdscale.core.metrics import TargetTracker, scaling_efficiency
 from hvdscale.engine.checkpoint import CheckpointStore
+from hvdscale.engine.faults import NonFiniteGuard, Watchdog, poison_batch
 from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.tensorboard import open_writer
 from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
-from hvdscale.errors import ConfigError, NonFiniteLossError
+from hvdscale.errors import ConfigError
 
 
 @dataclass
@@ -81,6 +82,17 @@ class Engine:
         self.last_accuracy = None
         self._loss_sum, self._loss_n = 0.0, 0
         self._session_steps = 0
+        self.last_checkpoint_step = None
+        # non-finite loss/gradient policy; a backend with an `update_guard` slot asks it
+        # between backward and the update (so `skip` can drop the update), otherwise the
+        # engine checks the loss after the step (abort only)
+        self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
+        self._guarded = hasattr(backend, "update_guard")
+        if self._guarded:
+            backend.update_guard = lambda loss, grads_finite: \
+                self.nonfinite.check(self.step, loss, grads_finite)
+        self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
+                         if cfg.faults.step_timeout_s else None)
 
     # ------------------------------------------------------------------ set-up
     def _restore(self):
@@ -113,6 +125,8 @@ class Engine:
         self.tracker.time_to_target = t.get("time_to_target_s")
         self.tracker.epochs_to_target = t.get("epochs_to_target")
         self.last_accuracy = meta.get("last_accuracy")
+        self.nonfinite.skipped = int(meta.get("skipped_steps", 0))
+        self.last_checkpoint_step = self.step
         self.echo(f"resumed from {self.store.dir / meta['state_file']} at step {self.step}")
         return True
 
@@ -152,6 +166,8 @@ class Engine:
         try:
             ending = self._steps(log, writer, bar, wall0)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             bar.close()
             if writer is not None:
                 writer.close()
@@ -194,12 +210,17 @@ class Engine:
                     ending = "paused"
                 if ending or (self.ckpt_every and self.step % self.ckpt_every == 0):
                     self._checkpoint()
+                if self.watchdog is not None:    # step, evaluation and checkpoint all done
+                    self.watchdog.beat(self.step)
                 if ending:
                     return ending
         return "done"
 
     def _train_one(self, x, y):
         lr = self.lr.schedule(self.step)
+        f = self.cfg.faults
+        if self.step == f.inject_nan_at_step and self.comm.rank == f.inject_nan_rank:
+            x = poison_batch(x)
         t0 = time.perf_counter()
         loss = self.backend.train_step(x, y, lr)
         elapsed = time.perf_counter() - t0
@@ -210,17 +231,17 @@ class Engine:
             self.timed_steps += 1
         self._session_steps += 1
         self.step += 1
-        self._loss_sum += loss
-        self._loss_n += 1
+        if math.isfinite(loss):      # a skipped step's NaN would poison the logged mean
+            self._loss_sum += loss
+            self._loss_n += 1
         return loss
 
     def after_step(self, loss):
-        """Hook after each optimizer step: the place for fault policies. Every rank must take
-        the same decision, so the finiteness of the loss is agreed on by allreduce."""
-        bad = not math.isfinite(loss)
-        if self.comm.any_true(bad):
-            raise NonFiniteLossError(f"non-finite training loss at step {self.step} "
-                                     f"(faults.nonfinite = {self.cfg.faults.nonfinite})")
+        """Hook after each optimizer step. A guarded backend has already had its update
+        checked (NonFiniteGuard, agreed across ranks); otherwise the loss is checked here,
+        after the update, which is only right for faults.nonfinite = abort."""
+        if not self._guarded:
+            self.nonfinite.check(self.step, loss)
 
     def _evaluate(self, wall):
         self.backend.sync_statistics()
@@ -241,6 +262,7 @@ class Engine:
             "test_loss": loss_total / max(1, int(totals[1])), "test_accuracy": accuracy,
             "test_examples": int(totals[1]), "images_per_sec": ips,
             "elapsed_s": self.train_time, "wall_s": wall,
+            "skipped_steps": self.nonfinite.skipped,
         }
         extra = getattr(self.backend, "extra_metrics", None)
         if extra is not None:      # e.g. the online noise scale (b_simple, gns_*)
@@ -258,6 +280,7 @@ class Engine:
     def _checkpoint(self):
         self.backend.sync_statistics()
         data = self.backend.state_bytes()
+        self.last_checkpoint_step = self.step
         if not self.comm.is_root:
             return
         meta = {
@@ -267,6 +290,7 @@ class Engine:
             "step_in_epoch": self.step % self.steps_per_epoch,
             "train_time_s": self.train_time, "last_accuracy": self.last_accuracy,
             "seed": self.cfg.train.seed, "recipe": self.cfg.name,
+            "skipped_steps": self.nonfinite.skipped,
             "tracker": {"best": self.tracker.best, "steps_to_target": self.tracker.steps_to_target,
                         "time_to_target_s": self.tracker.time_to_target,
                         "epochs_to_target": self.tracker.epochs_to_target},
@@ -297,4 +321,5 @@ class Engine:
             "images_per_sec": ips, "images_per_sec_per_worker": ips / k,
             "time_per_step_s": time_per_step, "train_time_s": self.train_time, "wall_s": wall,
             "tau_ref": self.tau_ref, "scaling_efficiency": eff,
+            "skipped_steps": self.nonfinite.skipped,
         }

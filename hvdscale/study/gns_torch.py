@@ -112,13 +112,15 @@ class TorchNoiseScale:
             self.probe.arm()
         return pieces
 
-    def step(self, optimizer, loss_scales):
-        """optimizer.step(), reading |G_big|^2 between the allreduce and the update."""
+    def step(self, optimizer, loss_scales, synchronized=False):
+        """optimizer.step(), reading |G_big|^2 between the allreduce and the update
+        (synchronized: the caller has already averaged the gradients)."""
         if not self.online.due_now:
             optimizer.step()
             return None
         if hasattr(optimizer, "skip_synchronize"):      # Horovod's DistributedOptimizer
-            optimizer.synchronize()
+            if not synchronized:
+                optimizer.synchronize()
             big = grad_sq_norm(self.params)
             with optimizer.skip_synchronize():
                 optimizer.step()

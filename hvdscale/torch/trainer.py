@@ -4,6 +4,7 @@ Horovod's DistributedOptimizer averages gradients (or combines them with Adasum)
 in fp16 on the wire, and with backward_passes_per_step = batch.accumulation it allreduces once
 per optimizer step however many micro-batches feed it.
 """
+import contextlib
 import io
 
 import numpy as np
@@ -29,6 +30,8 @@ class TorchTrainer:
             torch.cuda.set_device(self.device)
         self._model_fn = model_fn
         self.model = self.optimizer = None
+        # set by the engine: (loss, grads_finite) -> apply?; a collective (hvdscale/engine/faults.py)
+        self.update_guard = None
         hv = cfg.horovod
         if hv.adasum and comm.distributed and comm.controller != "mpi" \
                 and self.device.type == "cpu":
@@ -85,6 +88,8 @@ class TorchTrainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad()
+        # a vetoed step must leave BatchNorm's running statistics as they were, too
+        saved = self._float_buffers(clone=True) if self.update_guard is not None else None
         accum = self.cfg.batch.accumulation
         noise = self.noise_scale
         pieces = noise.micro_batches(accum) if noise is not None else accum
@@ -97,12 +102,40 @@ class TorchTrainer:
             # each micro-batch contributes its share of the step's mean gradient
             (loss * (len(yb) / len(y))).backward()
             total += loss.item() * len(yb) / len(y)
-        # after backward, before the update: hook point for gradient checks (fault policies)
-        if noise is not None:
-            noise.step(self.optimizer, [len(yb) / len(y) for yb in ys])
-        else:
-            self.optimizer.step()
+        # after backward, before the update: the engine's fault policy may veto the update
+        synced = self._synchronize_for_guard()
+        if self.update_guard is not None and not self.update_guard(total, self._grads_finite()):
+            self.optimizer.zero_grad()       # the same on every rank: no update this step
+            with torch.no_grad():
+                for buf, old in zip(self._float_buffers(), saved):
+                    buf.copy_(old)
+            return total
+        with self.optimizer.skip_synchronize() if synced else contextlib.nullcontext():
+            if noise is not None:
+                noise.step(self.optimizer, [len(yb) / len(y) for yb in ys], synchronized=synced)
+            else:
+                self.optimizer.step()
         return total
+
+    def _synchronize_for_guard(self):
+        """Average the gradients now (Horovod) so the guard judges what the update would use;
+        Adasum combines inside step() and has no separate synchronize."""
+        if self.update_guard is None or not hasattr(self.optimizer, "skip_synchronize") \
+                or self.cfg.horovod.adasum:
+            return False
+        self.optimizer.synchronize()
+        return True
+
+    def _float_buffers(self, clone=False):
+        bufs = [b for b in self.model.buffers() if b.is_floating_point()]
+        return [b.detach().clone() for b in bufs] if clone else bufs
+
+    @torch.no_grad()
+    def _grads_finite(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def extra_metrics(self):
         """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
