@@ -71,7 +71,7 @@ class LARS(_LayerwiseOptimizer):
                 or a norm is 0);  v = momentum * v + lr * ratio * (g + weight_decay * w);  w -= v
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
                  eps=1e-8, exclude_1d=True, exclude=()):
         _finite(momentum, "momentum", high=1.0, high_open=True)
         _finite(trust_coefficient, "trust_coefficient")
