@@ -100,6 +100,43 @@ def test_kill_one_rank_then_resume(controller, uninterrupted, tmp_path):
     assert all(other[k].tobytes() == resumed[k].tobytes() for k in resumed)
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_stopped_rank_is_ended_by_the_watchdog(controller, tmp_path):
+    """SIGSTOP (a hung rank, not a dead one): MPI would wait forever and Gloo for its 30 s
+    timeout; the step watchdog on the live rank ends the job after faults.step_timeout_s."""
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    ckpt = out / "checkpoints" / f"step-{KILL_AFTER_CHECKPOINT:08d}.json"
+    cmd = [tool("horovodrun"), "-np", "2", f"--{controller}", sys.executable, str(WORKER),
+           str(dump), *RUN, "--set", "faults.step_timeout_s=12", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=job_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    stopped = None
+    try:
+        assert wait_for(ckpt.exists, 240, proc), "no checkpoint before the job ended"
+        stopped = int((dump / "pid-rank1").read_text())
+        os.kill(stopped, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        output, _ = proc.communicate(timeout=90)
+        took = time.monotonic() - stopped_at
+    finally:
+        if stopped is not None:
+            try:                          # let a surviving stopped rank see its SIGTERM/KILL
+                os.kill(stopped, signal.SIGCONT)
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    print(f"{controller}: job ended {took:.1f} s after SIGSTOP of rank 1, exit {proc.returncode}")
+    assert proc.returncode != 0, output[-3000:]
+    assert "rank 0: no training step finished for 12 s" in output, output[-3000:]
+    assert took < 60
+    meta, _ = CheckpointStore(out / "checkpoints").latest()
+    assert meta["step"] >= KILL_AFTER_CHECKPOINT
+
+
 _WRITER = """
 import sys
 from hvdscale.engine.checkpoint import atomic_write
