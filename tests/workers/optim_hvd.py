@@ -116,7 +116,9 @@ def run_tensorflow():
         if hvd is not None and len(batches) == 1:
             with tf.GradientTape() as tape:
                 loss = loss_fn(*batches[0])
-            grads = hvd.DistributedGradientTape(tape).gradient(loss, variables)
+            # Horovod calls .ref() on what it differentiates against: give it the tf.Variables
+            # behind the Keras 3 variables
+            grads = hvd.DistributedGradientTape(tape).gradient(loss, [v.value for v in variables])
         else:
             grads = [tf.zeros_like(v) for v in variables]
             for xb, yb in batches:
