@@ -99,11 +99,18 @@ class Engine:
         """Load the newest checkpoint (rank 0 reads, every rank gets the same bytes)."""
         found = None
         if self.comm.is_root:
-            hit = self.store.latest()
-            if hit is not None:
-                meta, path = hit
-                found = (meta, path.read_bytes())
+            # an unreadable checkpoint is sent to every rank as its message, so that all
+            # ranks refuse it together instead of the others waiting in the broadcast
+            try:
+                hit = self.store.latest()
+                if hit is not None:
+                    meta, path = hit
+                    found = (meta, path.read_bytes())
+            except (ConfigError, OSError) as err:
+                found = ("error", str(err))
         found = self.comm.broadcast_object(found)
+        if found is not None and found[0] == "error":
+            raise ConfigError(found[1])
         if found is None:
             self.echo(f"--resume: no checkpoint in {self.store.dir}, starting from step 0")
             return False
@@ -116,7 +123,10 @@ class Engine:
             raise ConfigError(f"--resume: checkpoint has global batch {meta.get('global_batch')} "
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
                               f"{self.global_batch} and {self.steps_per_epoch}")
-        self.backend.load_state_bytes(data)
+        try:
+            self.backend.load_state_bytes(data)
+        except ConfigError as err:
+            raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}") from None
         self.step = int(meta["step"])
         self.train_time = float(meta.get("train_time_s", 0.0))
         t = meta.get("tracker", {})

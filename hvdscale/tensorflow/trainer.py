@@ -7,6 +7,7 @@ local gradients of the micro-batches are summed into accumulators and allreduced
 step (DistributedGradientTape has no backward_passes_per_step).
 """
 import io
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -220,6 +221,13 @@ class TensorFlowTrainer:
         return buf.getvalue()
 
     def load_state_bytes(self, data):
+        try:
+            self._load_npz(data)
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"--resume: checkpoint is unreadable ({type(err).__name__}: "
+                              f"{err})") from None
+
+    def _load_npz(self, data):
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             for group, variables in self._state_variables().items():
                 names = list(npz[f"{group}__names"])

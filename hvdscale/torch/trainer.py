@@ -170,8 +170,13 @@ class TorchTrainer:
         return buf.getvalue()
 
     def load_state_bytes(self, data):
-        try:
+        try:   # weights_only: tensors and plain containers, never arbitrary objects
             state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - bad bytes raise many kinds in torch.load
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(f"--resume: checkpoint is unreadable or holds more than plain "
+                              f"tensors ({type(err).__name__}: {first})") from None
+        try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:
