@@ -106,10 +106,14 @@ def launch(side, k, args):
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.is_file():
-        sys.exit(f"scaling.py: {side} -np {k} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())["images_per_sec"]
+    for attempt in (1, 2):   # a launcher that dies at start-up or teardown gets one retry
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0 and out.is_file():
+            return json.loads(out.read_text())["images_per_sec"]
+        print(f"scaling.py: {side} -np {k} attempt {attempt} failed ({proc.returncode}): "
+              f"{proc.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+        out.unlink(missing_ok=True)
+    sys.exit(f"scaling.py: {side} -np {k} failed twice:\n{proc.stderr[-3000:]}")
 
 
 def main():
