@@ -3,7 +3,7 @@
     python fault_train.py DUMP_DIR [hvdscale train arguments ...]
 
 Before training, each rank writes its process id to DUMP_DIR/pid-rank<r> (so a test can
-kill -9 one rank from outside); after training it writes its trainable parameters to
+kill -9 one rank from outside) and its network namespace to DUMP_DIR/netns-rank<r>; after training it writes its trainable parameters to
 DUMP_DIR/params-rank<r>.npz. The exit code and stderr are those of `hvdscale train`.
 """
 import argparse
@@ -29,7 +29,10 @@ def main(dump, argv):
     def build_and_note(a):
         engine = original(a)
         built["engine"] = engine
-        (dump / f"pid-rank{engine.comm.rank}").write_text(str(os.getpid()))
+        rank = engine.comm.rank
+        (dump / f"pid-rank{rank}").write_text(str(os.getpid()))
+        # which network namespace ("host") this rank runs in, for the multi-host test
+        (dump / f"netns-rank{rank}").write_text(os.readlink("/proc/self/ns/net"))
         return engine
 
     train_cmd.build_engine = build_and_note
