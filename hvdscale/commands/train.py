@@ -32,6 +32,10 @@ def add_arguments(parser):
                              "preempted job would (continue with --resume)")
     parser.add_argument("--no-horovod", action="store_true",
                         help="run as one plain process without initialising Horovod")
+    parser.add_argument("--elastic", action="store_true",
+                        help="elastic training (torch): carry on when workers leave or join; "
+                             "launch with horovodrun --min-np/--max-np --host-discovery-script "
+                             "(state committed every elastic.commit_every steps)")
 
 
 def launched_world_size(environ=None):
@@ -135,6 +139,13 @@ def build_engine(args):
 
 def run(args):
     from hvdscale.engine.faults import lost_worker_message, worker_lost
+    if args.elastic:
+        from hvdscale.engine.elastic import run_elastic
+        try:
+            return run_elastic(args)[0]
+        except NonFiniteLossError as err:
+            print(f"hvdscale train: error: {err}", file=sys.stderr)
+            return 3
     engine = build_engine(args)
     try:
         engine.run()
