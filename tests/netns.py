@@ -6,10 +6,11 @@ pairs to a bridge, each host running its own sshd with keys made for the test.
       +-- veth -- host B namespace (hvd0, 10.77.0.2, sshd)
 
 The root namespace is left alone. The hosts and the launcher's bridge are all named `hvd0`,
-so `horovodrun --network-interface hvd0` names one NIC present everywhere. ssh is reached through a wrapper first
-on PATH that adds `-F <test ssh_config>` (the test's client key, no known_hosts writes),
-so root's ~/.ssh is never touched. The file system is shared, as on a cluster with a common
-home: the hosts run the same interpreter and repository.
+so `horovodrun --network-interface hvd0` names one NIC present everywhere. Each host (and the
+launcher) also has its own host name and /etc/hosts, so `-H hostA:1,hostB:1` resolves. ssh is
+reached through a wrapper first on PATH that adds `-F <test ssh_config>` (the test's client
+key, no known_hosts writes), so root's ~/.ssh is never touched. The file system is shared, as
+on a cluster with a common home: the hosts run the same interpreter and repository.
 
     cluster = TwoHosts.create(tmp_path)     # raises Unavailable with a reason
     cluster.run_in_launcher([...], env)     # subprocess.run inside the launcher namespace

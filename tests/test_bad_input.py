@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, horovodrun, run_job, tool
+from conftest import horovodrun, run_job, tool
 
 pytestmark = pytest.mark.multiproc
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -83,7 +83,8 @@ def test_lose_a_worker_then_readmit_one(policy, tmp_path):
            sys.executable, str(WORKER), str(dump),
            "--set", "framework=torch", "--set", "data.train_limit=4096",
            "--set", "data.test_limit=500", "--set", "batch.per_worker=32",
-           "--set", "batch.reference=64", "--set", f"train.max_steps={STEPS}", "--set", "train.epochs=10",
+           "--set", "batch.reference=64", "--set", f"train.max_steps={STEPS}",
+           "--set", "train.epochs=10",
            "--set", "lr.warmup_steps=5", "--set", "elastic.commit_every=5",
            "--set", f"elastic.policy={policy}", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=job_env(HVDSCALE_HOSTS_FILE=hosts), cwd=REPO,

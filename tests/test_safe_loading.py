@@ -40,7 +40,8 @@ class Payload:
 
 
 # ------------------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system"])
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system",
+                                 "!!python/object/new:os.system"])
 def test_recipe_with_a_python_tag_is_refused(tag, tmp_path):
     marker = tmp_path / "recipe-ran"
     recipe = tmp_path / "evil.yaml"
@@ -134,7 +135,8 @@ def test_no_unsafe_loader_in_the_package():
         for pattern, what in UNSAFE:
             for m in pattern.finditer(text):
                 problems.append(f"{path.relative_to(REPO)}: {what}: {m.group(0)}")
-        for call in re.finditer(r"\b(torch\.load|np\.load|numpy\.load)\(([^()]|\([^()]*\))*\)", text):
+        calls = r"\b(torch\.load|np\.load|numpy\.load)\(([^()]|\([^()]*\))*\)"
+        for call in re.finditer(calls, text):
             needed = "weights_only=True" if call.group(1) == "torch.load" else "allow_pickle=False"
             if needed not in call.group(0):
                 problems.append(f"{path.relative_to(REPO)}: {call.group(0)} lacks {needed}")

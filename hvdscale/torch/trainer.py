@@ -30,7 +30,8 @@ class TorchTrainer:
             torch.cuda.set_device(self.device)
         self._model_fn = model_fn
         self.model = self.optimizer = None
-        # set by the engine: (loss, grads_finite) -> apply?; a collective (hvdscale/engine/faults.py)
+        # set by the engine: (loss, grads_finite) -> apply the update?  A collective call
+        # (hvdscale/engine/faults.py NonFiniteGuard)
         self.update_guard = None
         hv = cfg.horovod
         if hv.adasum and comm.distributed and comm.controller != "mpi" \

@@ -3,8 +3,8 @@
     python fault_train.py DUMP_DIR [hvdscale train arguments ...]
 
 Before training, each rank writes its process id to DUMP_DIR/pid-rank<r> (so a test can
-kill -9 one rank from outside) and its network namespace to DUMP_DIR/netns-rank<r>; after training it writes its trainable parameters to
-DUMP_DIR/params-rank<r>.npz. The exit code and stderr are those of `hvdscale train`.
+kill -9 one rank from outside) and its network namespace to DUMP_DIR/netns-rank<r>; after
+training it writes its trainable parameters to DUMP_DIR/params-rank<r>.npz. The exit code and stderr are those of `hvdscale train`.
 """
 import argparse
 import os
