@@ -4,7 +4,6 @@ is trained by `hvdscale train` in its own process, then report.md and PNG plots 
 """
 import datetime
 import json
-import os
 import platform
 import shlex
 import sys
@@ -88,15 +87,8 @@ def _settings(args):
 
 
 def machine():
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({model or 'unknown CPU'}), "
+    from hvdscale.hardware import cpu_count, cpu_model
+    return (f"{platform.node() or 'host'}: {cpu_count()} CPU cores ({cpu_model() or 'unknown CPU'}), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hvdscale.config import DEFAULT_RECIPE, load_config
+from hvdscale.hardware import cpu_count, cpu_model
 from hvdscale.errors import ConfigError, NonFiniteLossError
 
 # Variables by which MPI, Horovod's launchers and PMI tell a process how many ranks there are.
@@ -66,25 +67,10 @@ def read_tau_ref(value):
     return tau
 
 
-def cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def hardware_name(device, workers):
     if device != "cpu":
         return f"{workers}x {device}"
-    model = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({cpu_count()} cores), {workers} worker{'s' * (workers > 1)}"
+    return f"{cpu_model() or 'cpu'} ({cpu_count()} cores), {workers} worker{'s' * (workers > 1)}"
 
 
 def check_supported(cfg):

@@ -198,7 +198,6 @@ class ElasticTorchRun:
 
     def _finish(self, state, eval_source, global_batch, seconds):
         torch, hvd = self.torch, self.hvd
-        import torch.nn.functional as F
         # one model for evaluation: rank 0's BatchNorm statistics (as the last sync would)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.model.eval()
