@@ -43,17 +43,23 @@ def refused_by_every_rank(proc, words, controller="gloo"):
     by_rank = {}
     for rank, line in lines:
         by_rank.setdefault(rank, []).append(line)
-    assert sorted(by_rank) == ["0", "1"], output[-3000:]
+    assert by_rank, output[-3000:]
+    # horovodrun --gloo ends the other workers as soon as one exits non-zero, so a slower rank
+    # may be terminated (143) before it prints; any rank that did print said the same line.
+    for rank in ("0", "1"):
+        terminated = f"Process {rank} exit with status code 143" in output
+        assert rank in by_rank or (controller == "gloo" and terminated), output[-3000:]
     assert all(len(v) == 1 for v in by_rank.values()), by_rank
-    assert by_rank["0"] == by_rank["1"], by_rank
-    assert words in by_rank["0"][0], by_rank["0"][0]
+    first = next(iter(by_rank.values()))[0]
+    assert all(v == [first] for v in by_rank.values()), by_rank
+    assert words in first, first
     assert "<stderr>:Traceback" not in output, output[-3000:]
     assert proc.returncode != 0
     if controller == "gloo":   # horovodrun --gloo reports the first failed rank's exit code
         assert "Exit code: 2" in output, output[-2000:]
     else:                      # mpirun passes it through
         assert proc.returncode == 2, output[-2000:]
-    return by_rank["0"][0]
+    return first
 
 
 def train(args, controller="gloo", **kw):
