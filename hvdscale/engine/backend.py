@@ -1,24 +1,50 @@
 """What the engine needs from a framework adapter (hvdscale/torch/trainer.py,
-hvdscale/tensorflow/trainer.py). The engine never imports torch or TensorFlow itself."""
-from typing import Dict, Iterable, Protocol, Tuple
+hvdscale/tensorflow/trainer.py). The engine never imports torch or TensorFlow itself.
 
-import numpy as np
+Protocol v2 (docs/architecture.md, "Engine protocol"): batches are opaque framework tensors
+already on the worker's device, in the backend's layout; a step never reads the device from
+the host; the engine asks for the step statistics at its log interval only.
+"""
+from typing import Any, Dict, Iterable, Protocol, Tuple
+
+Batch = Any          # (images, labels) as framework tensors on this worker's device
 
 
 class Backend(Protocol):
     framework: str            # "torch" | "tensorflow"
     optimizer_name: str       # what the summary prints, e.g. "lamb"
     checkpoint_suffix: str    # ".pt" | ".npz"
+    device_description: str   # "cpu" or the GPU's name
+    precision: str            # "fp32" | "bf16" | "fp16" (train.precision)
 
     def build(self) -> None:
-        """Create model and optimizer and make every rank hold rank 0's initial state."""
+        """Create model and optimizer (master weights fp32), set the precision policy and
+        make every rank hold rank 0's initial state."""
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One optimizer step on this rank's batch (NHWC float32, int64 labels), split into
-        `batch.accumulation` micro-batches; gradients averaged over ranks by Horovod.
-        Returns this rank's mean training loss."""
+    def device_batches(self, batches: Iterable[Tuple[Any, Any]]) -> Iterable[Batch]:
+        """Wrap a source's batches so they arrive on this worker's device in the backend's
+        layout (pinned memory + non_blocking copies and one batch prefetched for torch,
+        tf.data prefetch to the device for TF). Framework-native batches that are already
+        there (DALI's torch iterator, DALI's TF dataset) pass through untouched."""
 
-    def evaluate(self, batches: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Tuple[int, int, float]:
+    def poisoned(self, batch: Batch) -> Batch:
+        """The same batch with NaN images (faults.inject_nan_at_step, debug)."""
+
+    def train_step(self, batch: Batch, lr: float) -> None:
+        """One optimizer step on this rank's batch, split into `batch.accumulation`
+        micro-batches, gradients averaged over ranks by Horovod. No host read of a device
+        value: loss sum, example count and the non-finite flag accumulate on the device.
+        The non-finite decision is taken from the *averaged* gradients (equal on every rank);
+        `faults.nonfinite: skip` drops the update on every rank, `abort` is reported by
+        read_stats()."""
+
+    def read_stats(self) -> Dict[str, float]:
+        """The one host read, at the engine's log/progress/eval/checkpoint points: returns
+        {"loss_sum": float, "examples": int, "steps": int, "nonfinite_steps": int,
+         "first_nonfinite_step": int | None} accumulated since the last call (this rank),
+        and resets the accumulators."""
+
+    def evaluate(self, batches: Iterable[Batch]) -> Tuple[int, int, float]:
         """(correct, count, summed loss) over this rank's share of the test set."""
 
     def sync_statistics(self) -> None:
@@ -31,5 +57,5 @@ class Backend(Protocol):
     def load_state_bytes(self, data: bytes) -> None:
         """Restore what state_bytes wrote (called on every rank with the same bytes)."""
 
-    def parameters(self) -> Dict[str, np.ndarray]:
-        """Trainable parameters by name (tests compare them across ranks and runs)."""
+    def parameters(self) -> Dict[str, Any]:
+        """Trainable parameters by name as NumPy arrays (tests compare them)."""
