@@ -145,6 +145,24 @@ def test_parameters_without_gradients_are_left_alone_and_state_round_trips():
     assert_close(run_torch(twin_opt, twin, grads[3:]), run_torch(opt, net, grads[3:]), 0.0)
 
 
+@pytest.mark.parametrize("kind, cls, hyper", CASES)
+def test_fused_cpu_kernels_and_multi_tensor_form_take_the_same_steps(kind, cls, hyper,
+                                                                      monkeypatch):
+    """On CPU the update runs in torch's fused kernels; off the CPU in the _foreach_* form.
+    Both must take the same steps (and the CPU run must really use the fused kernels)."""
+    kernel = "_fused_sgd_" if cls is LARS else "_fused_adam_"
+    real, calls = getattr(torch, kernel), []
+    monkeypatch.setattr(torch, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = grads_for(make_net())
+    net = make_net()
+    fused = run_torch(cls(net.named_parameters(), lr=0.05, **hyper), net, grads)
+    assert calls, f"{kernel} was not used on CPU"
+    monkeypatch.setattr(cls, "_fused_kernels", staticmethod(lambda params: False))
+    net = make_net()
+    multi = run_torch(cls(net.named_parameters(), lr=0.05, **hyper), net, grads)
+    assert_close(multi, fused, 1e-12)
+
+
 def test_lamb_and_lars_train_a_small_classifier():
     torch.manual_seed(0)
     x = torch.randn(256, 10)

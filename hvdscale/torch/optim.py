@@ -1,11 +1,19 @@
 """LARS and LAMB for PyTorch, and the optimizer factory used by the trainer.
 
-The update rules are the ones in hvdscale.core.optim_math (see docs/toolbox.md), computed with
-multi-tensor `torch._foreach_*` operations on all tensors of a param group at once (per-tensor
-norms with one `_foreach_norm`, per-tensor trust ratios as one small vector). No tensor-sized
-temporary is allocated per step: state is updated in place and LAMB builds its direction in a
-reusable scratch buffer, since fresh large allocations (page faults on CPU, allocator work on
-GPU) cost as much as the arithmetic.
+The update rules are the ones in hvdscale.core.optim_math (see docs/toolbox.md), computed with as
+few passes over memory as stock PyTorch kernels allow, since on a CPU the step is bound by
+memory traffic, not arithmetic (benchmarks/optimizer_step.py, docs/training.md):
+- per-tensor norms with one `_foreach_norm`, per-tensor trust ratios as one small vector;
+- on CPU the element-wise update runs in PyTorch's fused optimizer kernels, one pass each:
+  LARS is `_fused_sgd_` with the trust-scaled step folded into the dampening (28 bytes moved
+  per fp32 parameter, the minimum for two passes, against 52 for the multi-tensor form), LAMB
+  builds its direction with `_fused_adam_` at lr = -1 (moments and direction in one pass, 56
+  bytes against 108). The ratios are read on the host, which is free on a CPU.
+- on other devices (a host read would stall the stream) the multi-tensor `torch._foreach_*`
+  form runs, with the ratios kept on the device.
+No tensor-sized temporary is allocated per step: state is updated in place and LAMB builds its
+direction in a reusable scratch buffer, since fresh large allocations (page faults on CPU,
+allocator work on GPU) cost as much as the arithmetic.
 Parameters are excluded from weight decay and from the trust ratio by hvdscale.core's rule
 (1-D by default, plus name regexes when the optimizer gets named parameters).
 """
@@ -29,6 +37,10 @@ def _finite(value, what, low=0.0, high=None, high_open=False):
     bound = f" and {'<' if high_open else '<='} {high}" if high is not None else ""
     _check(ok, f"{what} must be a finite number >= {low}{bound}, got {value!r}")
     return float(value)
+
+
+# dtypes PyTorch's fused CPU optimizer kernels (_fused_sgd_, _fused_adam_) take
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class _LayerwiseOptimizer(Optimizer):
@@ -62,6 +74,11 @@ class _LayerwiseOptimizer(Optimizer):
     def _per_tensor(values):
         """A 1-D tensor of per-tensor factors as a list of 0-d tensors for _foreach_* ops."""
         return list(values.unbind(0))
+
+    @staticmethod
+    def _fused_kernels(params):
+        """PyTorch's fused CPU optimizer kernels apply (host-side per-tensor factors)."""
+        return all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params)
 
 
 class LARS(_LayerwiseOptimizer):
@@ -105,6 +122,10 @@ class LARS(_LayerwiseOptimizer):
             ratio = torch.where(trusted, eta * w_norm / (g_norm + wd * w_norm + eps),
                                 torch.ones_like(w_norm))
             coef = lr * ratio
+            if group["momentum"] != 0 and self._fused_kernels(params):
+                self._fused_update(params, grads, bufs, coef.tolist(), excluded,
+                                   group["momentum"], wd)
+                continue
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_addcmul_(bufs, grads, self._per_tensor(coef))
             decayed = [i for i, e in enumerate(excluded) if not e]
@@ -113,6 +134,16 @@ class LARS(_LayerwiseOptimizer):
                                         self._per_tensor(coef[decayed] * wd))
             torch._foreach_sub_(params, bufs)
         return loss
+
+    @staticmethod
+    def _fused_update(params, grads, bufs, coefs, excluded, momentum, wd):
+        # One pass per tensor: SGD's fused kernel computes buf = momentum * buf +
+        # (1 - dampening) * (g + wd * w); w -= lr * buf. With dampening = 1 - lr * ratio
+        # (formed in double, so no precision is lost) and lr = 1 that is the LARS update.
+        for p, g, buf, c, skip in zip(params, grads, bufs, coefs, excluded):
+            torch._fused_sgd_([p], [g], [buf], weight_decay=0.0 if skip else wd,
+                              momentum=momentum, lr=1.0, dampening=1.0 - c, nesterov=False,
+                              maximize=False, is_first_step=False)
 
 
 class LAMB(_LayerwiseOptimizer):
@@ -179,6 +210,8 @@ class LAMB(_LayerwiseOptimizer):
         return out
 
     def _update(self, group, step, params, grads, excluded):
+        if self._fused_kernels(params):
+            return self._fused_update(group, step, params, grads, excluded)
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         if group["bias_correction"]:
@@ -219,6 +252,42 @@ class LAMB(_LayerwiseOptimizer):
             ratio[torch.tensor(decayed, device=device)] = r
         scale = (ratio * (-lr / c)).to(dtype)
         torch._foreach_addcmul_(params, U, self._per_tensor(scale))
+
+    def _fused_update(self, group, step, params, grads, excluded):
+        """CPU: u = r + wd * w built by Adam's fused kernel (three passes in all: wd * w,
+        moments + direction, norms; then the update)."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        M = [self.state[p]["exp_avg"] for p in params]
+        V = [self.state[p]["exp_avg_sq"] for p in params]
+        U = self._scratch_for(params)
+        for p, u, skip in zip(params, U, excluded):
+            if skip or wd == 0:
+                u.zero_()
+            else:
+                torch.mul(p, wd, out=u)
+        # Adam's kernel updates m and v and subtracts lr * m_hat / (sqrt(v_hat) + eps) from
+        # its "parameter": with lr = -1 and U as the parameter it adds r to U in the same pass.
+        # Without bias correction the step is infinite, so beta ** step = 0.
+        step_t = torch.tensor(float(step) if group["bias_correction"] else math.inf)
+        torch._fused_adam_(U, grads, M, V, [], [step_t] * len(params), lr=-1.0, beta1=beta1,
+                           beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False,
+                           maximize=False)
+        ratio = [1.0] * len(params)
+        decayed = [i for i, e in enumerate(excluded) if not e]
+        if decayed:
+            w_norm = torch.stack(torch._foreach_norm([params[i] for i in decayed])).double()
+            u_norm = torch.stack(torch._foreach_norm([U[i] for i in decayed])).double()
+            if group["clamp_value"] is not None:
+                w_norm = w_norm.clamp(max=group["clamp_value"])
+            trusted = (w_norm > 0) & (u_norm > 0)
+            r = torch.where(trusted, w_norm / torch.where(trusted, u_norm, 1.0), 1.0)
+            if group["max_trust_ratio"] is not None:
+                r = r.clamp(max=group["max_trust_ratio"])
+            for i, value in zip(decayed, r.tolist()):
+                ratio[i] = value
+        for p, u, value in zip(params, U, ratio):
+            p.add_(u, alpha=-lr * value)
 
 
 def _getter(cfg):
