@@ -5,8 +5,10 @@ test is our script). Also: bash -n and shellcheck on every shell script we ship.
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,31 +31,65 @@ def cluster(tmp_path):
                         f"{shlex.quote(sys.executable)} -c "
                         "'import sys; from hvdscale.cli import main; sys.exit(main())' \"$@\"\n")
     hvdscale.chmod(0o755)
+    (home / "launchers").symlink_to(REPO / "launchers")   # the templates source preemption.sh
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     record = tmp_path / "srun.argv"
+    started = []                    # templates started in the background (start())
     srun = fake_bin / "srun"
-    # one argument per NUL-terminated record, so spaces and newlines survive
+    # One argument per NUL-terminated record, so spaces and newlines survive. With
+    # FAKE_SRUN_WAIT=1 it waits for USR1/TERM like a running job step, records the signal,
+    # creates FAKE_SRUN_MARKER if set (a rank's OUT/preempted.json) and exits FAKE_SRUN_EXIT.
     srun.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n"
-                    f"pwd > {shlex.quote(str(record))}.cwd\n")
+                    f"pwd > {shlex.quote(str(record))}.cwd\n"
+                    f"echo \"$HVDSCALE_REQUEUE_EXIT_CODE\" > {shlex.quote(str(record))}.code\n"
+                    '[ "${FAKE_SRUN_WAIT:-0}" = 1 ] || exit 0\n'
+                    f"got() {{ echo \"$1\" >> {shlex.quote(str(record))}.signals\n"
+                    '  [ -z "$FAKE_SRUN_MARKER" ] || { mkdir -p "$(dirname "$FAKE_SRUN_MARKER")"; '
+                    'echo "{}" > "$FAKE_SRUN_MARKER"; }\n'
+                    '  exit "${FAKE_SRUN_EXIT:-0}"; }\n'
+                    "trap 'got USR1' USR1\ntrap 'got TERM' TERM\n"
+                    f": > {shlex.quote(str(record))}.ready\n"
+                    "while :; do sleep 0.05; done\n")
     srun.chmod(0o755)
     scontrol = fake_bin / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 9\n'
+    scontrol.write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(tmp_path / "scontrol.calls"))}\n'
+                        'if [ "$1" = requeue ]; then exit "${FAKE_REQUEUE_EXIT:-0}"; fi\n'
+                        '[ "$1 $2" = "show hostnames" ] || exit 9\n'
                         'case "$3" in "gpu[01-02]") printf "gpu01\\ngpu02\\n" ;; *) exit 1 ;; esac\n')
     scontrol.chmod(0o755)
 
-    def run(script, args=(), **slurm):
+    def start(script, args=(), **slurm):
         env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path),
                "SLURM_SUBMIT_DIR": str(home), **slurm}
-        proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=60)
+        # its own process group, so teardown can end it and its srun if a test fails midway
+        proc = subprocess.Popen(["bash", str(script), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                                start_new_session=True)
+        started.append(proc)
+        return proc, env
+
+    def recorded():
         argv = record.read_bytes().split(b"\0")[:-1] if record.exists() else None
         if record.exists():
             record.unlink()
-        return proc, argv and [a.decode() for a in argv], env
+        return argv and [a.decode() for a in argv]
 
-    run.home, run.hvdscale = home, hvdscale
-    return run
+    def run(script, args=(), **slurm):
+        popen, env = start(script, args, **slurm)
+        out, err = popen.communicate(timeout=60)
+        proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+        return proc, recorded(), env
+
+    run.home, run.hvdscale, run.start, run.recorded = home, hvdscale, start, recorded
+    run.record, run.scontrol_calls = record, tmp_path / "scontrol.calls"
+    yield run
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
 
 
 def dry_run(cluster, env, *launch_args):
@@ -149,6 +185,117 @@ def test_gpu_template_refuses_an_unknown_gpu_count(cluster):
                            SLURM_CPUS_ON_NODE="8")
     assert proc.returncode == 2 and ran is None
     assert "cannot tell the GPUs per node" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# preemption: --signal=B:USR1@N reaches the batch shell, which passes it to srun; requeue
+
+
+CPU_ALLOCATION = {"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "2",
+                  "SLURM_CPUS_ON_NODE": "8", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lamb"}
+TEMPLATES = ["hvdscale-gpu.sbatch", "hvdscale-cpu.sbatch"]
+
+
+def _signal_the_batch_shell(cluster, script, signame, **slurm):
+    """Start a template with a waiting srun, send `signame` to the batch shell (what
+    `--signal=B:...` does), return (exit code, stderr, srun argv, signals srun received)."""
+    ready = cluster.record.with_suffix(".argv.ready")
+    ready.unlink(missing_ok=True)
+    proc, _ = cluster.start(SLURM / script, RECIPE_ARGS, FAKE_SRUN_WAIT="1",
+                            **dict(GPU_ALLOCATION, **CPU_ALLOCATION), **slurm)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "srun was not started"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, f"SIG{signame}"))
+    _, err = proc.communicate(timeout=30)
+    signals = cluster.record.with_suffix(".argv.signals")
+    return proc.returncode, err, cluster.recorded(), signals.read_text().split()
+
+
+@pytest.mark.parametrize("script", TEMPLATES)
+@pytest.mark.parametrize("signame", ["USR1", "TERM"])
+def test_signal_to_the_batch_shell_reaches_srun_and_the_job_is_requeued(cluster, script, signame):
+    code, err, ran, signals = _signal_the_batch_shell(cluster, script, signame, HVDSCALE_REQUEUE="1",
+                                                      FAKE_SRUN_EXIT="75")
+    assert signals == [signame]                      # passed on once, to srun
+    assert code == 0, err                            # the requeue was asked for
+    assert cluster.scontrol_calls.read_text().split("\n")[-2] == "requeue 4242"
+    assert "requeueing job 4242" in err
+    # the ranks were told the requeue code; OUT is fixed per job id, so a restart finds it
+    assert cluster.record.with_suffix(".argv.code").read_text().strip() == "75"
+    assert ran[-4:] == [*RECIPE_ARGS[-2:], "--out", "runs/lamb-4242"]
+
+
+@pytest.mark.parametrize("script", TEMPLATES)
+def test_preempted_marker_requeues_even_when_srun_reports_a_killed_task(cluster, script):
+    """--kill-on-bad-exit may SIGKILL ranks that were about to exit 75: srun then reports 137,
+    and OUT/preempted.json is what tells a preemption from a crash."""
+    marker = cluster.home / "runs" / "lamb-4242" / "preempted.json"    # OUT in the checkout
+    code, err, _, _ = _signal_the_batch_shell(cluster, script, "USR1", HVDSCALE_REQUEUE="1",
+                                              FAKE_SRUN_EXIT="137", FAKE_SRUN_MARKER=str(marker))
+    assert code == 0 and "requeueing job 4242" in err and marker.exists()
+    # The next attempt removes that marker before it starts: a crash (137) without a new one
+    # is not requeued, and its code is the job's.
+    cluster.scontrol_calls.unlink()
+    code, err, _, _ = _signal_the_batch_shell(cluster, script, "USR1", HVDSCALE_REQUEUE="1",
+                                              FAKE_SRUN_EXIT="137")
+    assert code == 137 and not cluster.scontrol_calls.exists() and not marker.exists()
+
+
+def test_given_out_directory_is_kept_and_its_marker_read(cluster):
+    args = [*RECIPE_ARGS, "--out", "myrun"]
+    marker = cluster.home / "myrun" / "preempted.json"
+    proc, _ = cluster.start(SLURM / "hvdscale-cpu.sbatch", args, FAKE_SRUN_WAIT="1",
+                            FAKE_SRUN_EXIT="1", FAKE_SRUN_MARKER=str(marker),
+                            HVDSCALE_REQUEUE="1", **CPU_ALLOCATION)
+    ready = cluster.record.with_suffix(".argv.ready")
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "requeueing job 4242" in err
+    ran = cluster.recorded()
+    assert ran[-len(args):] == args and ran.count("--out") == 1
+
+
+@pytest.mark.parametrize("script", TEMPLATES)
+def test_without_requeue_the_signal_is_passed_on_and_the_job_ends(cluster, script):
+    code, err, ran, signals = _signal_the_batch_shell(cluster, script, "USR1", FAKE_SRUN_EXIT="0")
+    assert signals == ["USR1"] and code == 0
+    assert not cluster.scontrol_calls.exists()                 # no requeue
+    assert ran[-len(RECIPE_ARGS):] == RECIPE_ARGS              # no --out, no --resume added
+    assert cluster.record.with_suffix(".argv.code").read_text().strip() == ""
+
+
+def test_failed_requeue_says_so_and_keeps_the_code(cluster):
+    code, err, _, _ = _signal_the_batch_shell(cluster, "hvdscale-cpu.sbatch", "USR1",
+                                              HVDSCALE_REQUEUE="1", FAKE_SRUN_EXIT="75",
+                                              FAKE_REQUEUE_EXIT="1")
+    assert code == 75 and "scontrol requeue failed (submit with --requeue)" in err
+
+
+@pytest.mark.parametrize("script", TEMPLATES)
+def test_a_restarted_job_resumes(cluster, script):
+    slurm = dict(GPU_ALLOCATION, **CPU_ALLOCATION)
+    _, ran, _ = cluster(SLURM / script, RECIPE_ARGS, **slurm)
+    assert "--resume" not in ran
+    _, ran, _ = cluster(SLURM / script, RECIPE_ARGS, SLURM_RESTART_COUNT="1", **slurm)
+    assert ran[-len(RECIPE_ARGS) - 1:] == [*RECIPE_ARGS, "--resume"]
+    _, ran, _ = cluster(SLURM / script, RECIPE_ARGS, SLURM_RESTART_COUNT="2",
+                        HVDSCALE_REQUEUE="1", **slurm)
+    assert ran[-len(RECIPE_ARGS) - 3:] == [*RECIPE_ARGS, "--out", "runs/lamb-4242", "--resume"]
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "300"])
+def test_bad_requeue_code_is_refused_with_one_line(cluster, value):
+    proc, ran, _ = cluster(SLURM / "hvdscale-cpu.sbatch", RECIPE_ARGS, HVDSCALE_REQUEUE="1",
+                           HVDSCALE_REQUEUE_EXIT_CODE=value, **CPU_ALLOCATION)
+    assert proc.returncode == 2 and ran is None
+    assert "HVDSCALE_REQUEUE_EXIT_CODE must be a code from 1 to 255" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_templates_declare_what_sbatch_needs():
