@@ -87,3 +87,54 @@ def test_target_tracker_keeps_the_first_crossing_and_the_best():
     assert not none.reached and none.best == 0.5
     with pytest.raises(ConfigError, match="target accuracy"):
         TargetTracker(85)
+
+
+# ---- McCandlish trade-off fitted with censored runs, seed bootstrap, 2x rule offset removed
+from hvdscale.core.metrics import (b_crit_2x_offset_removed, bootstrap_tradeoff,  # noqa: E402
+                                   fit_tradeoff)
+
+SIZES = [32, 64, 128, 256, 512, 1024, 2048]
+
+
+def _curve(s_min, e_min, sizes=SIZES, noise=None, seeds=1):
+    import random
+    rng = random.Random(1)
+    pts = []
+    for b in sizes:
+        for _ in range(seeds):
+            factor = 1.0 if noise is None else rng.lognormvariate(0.0, noise)
+            pts.append(SweepPoint(b, (s_min + e_min / b) * factor))
+    return pts
+
+
+def test_tradeoff_fit_recovers_s_min_and_e_min():
+    fit = fit_tradeoff(_curve(40, 12000))
+    assert fit.s_min == pytest.approx(40, rel=0.02)
+    assert fit.e_min == pytest.approx(12000, rel=0.02)
+    assert fit.b_crit == pytest.approx(300, rel=0.03)
+
+
+def test_censored_runs_are_inequalities():
+    clean = _curve(40, 12000, sizes=SIZES[:-1])
+    # a missed run whose budget lies below the curve agrees with it: the fit does not move
+    agreeing = clean + [SweepPoint(2048, None, steps_run=30)]
+    assert fit_tradeoff(agreeing).b_crit == pytest.approx(fit_tradeoff(clean).b_crit, rel=0.02)
+    # a run that missed with a budget far above the curve says S(2048) > 400: S_min must rise
+    binding = clean + [SweepPoint(2048, None, steps_run=400)]
+    assert fit_tradeoff(binding).s_min > 1.5 * fit_tradeoff(clean).s_min
+    # dropping censored runs (the old fit) would have ignored that evidence entirely
+    assert fit_tradeoff([SweepPoint(64, None, steps_run=5), SweepPoint(128, 10)]) is None
+
+
+def test_bootstrap_interval_covers_the_truth_and_narrows_with_seeds():
+    fit, lo, hi, reps = bootstrap_tradeoff(_curve(40, 12000, noise=0.15, seeds=3),
+                                           replicates=150)
+    assert lo < 300 < hi and lo <= fit.b_crit <= hi and len(reps) > 100
+    _, lo8, hi8, _ = bootstrap_tradeoff(_curve(40, 12000, noise=0.15, seeds=8), replicates=150)
+    assert (hi8 - lo8) < (hi - lo)
+
+
+def test_two_x_rule_with_offset_removed_matches_b_crit():
+    value, raw = b_crit_2x_offset_removed(_curve(40, 40 * 700))
+    assert raw.b_crit == pytest.approx(700 + 2 * 32, rel=0.1)
+    assert value == pytest.approx(700, rel=0.12)

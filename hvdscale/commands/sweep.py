@@ -1,57 +1,69 @@
-"""`hvdscale sweep RECIPE [RECIPE ...] --batch-sizes 64,...,16384 --target ACC`: the critical
-batch size, measured. One recipe per optimizer setting (one curve each); every global batch size
-is trained by `hvdscale train` in its own process, then report.md and PNG plots are written.
+"""`hvdscale sweep RECIPE [RECIPE ...] --batch-sizes 32,...,2048 --target ACC`: the critical batch
+size, measured with a learning rate tuned per batch size, fresh seeds, a censored fit with a
+seed bootstrap and the noise scale probed at the target (docs/study.md). One recipe per
+optimizer setting; every training runs in this process through hvdscale.study.inproc.
 """
 import datetime
 import json
+import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from hvdscale.errors import ConfigError
 
 
 def add_arguments(parser):
+    d = _defaults()
     parser.add_argument("recipes", nargs="*", metavar="RECIPE",
-                        help="one YAML recipe per optimizer setting (e.g. pipelines/sweep_*.yaml)")
-    parser.add_argument("--batch-sizes", help="comma list of global batch sizes")
-    parser.add_argument("--target", type=float, help="target test accuracy, e.g. 0.85")
-    parser.add_argument("--seeds", default="42", help="comma list of seeds (repeats per point)")
-    parser.add_argument("--np", type=int, default=1, dest="workers",
-                        help="Horovod workers per run (horovodrun -np K when > 1)")
-    parser.add_argument("--out", default="runs/sweep", help="folder for the runs and results.json")
-    parser.add_argument("--report-dir", default=None,
-                        help="where report.md and the PNGs go (default: --out)")
-    parser.add_argument("--epochs", type=float, default=3.0,
-                        help="fixed epoch budget: every run trains at least this long, and the "
-                             "accuracy plot reads accuracy at this budget")
-    parser.add_argument("--min-steps", type=int, default=60,
-                        help="step floor of a run's budget (for the large batches)")
-    parser.add_argument("--max-per-worker", type=int, default=512,
-                        help="largest micro-batch per worker; beyond it, gradient accumulation")
-    parser.add_argument("--eval-examples", type=int, default=4096,
-                        help="evaluate every this many training examples (resolution of steps "
-                             "to target)")
-    parser.add_argument("--noise-every", type=int, default=10,
-                        help="online noise scale every N steps (0 = off)")
-    parser.add_argument("--noise-ema", type=float, default=0.95)
+                        help="one YAML recipe per optimizer setting (pipelines/sweep_*.yaml)")
+    parser.add_argument("--batch-sizes", help="comma list of global batch sizes; the smallest is "
+                                              "B_ref")
+    parser.add_argument("--target", type=float, help="target held-out accuracy, e.g. 0.82")
+    parser.add_argument("--seeds", default=",".join(map(str, d.seeds)),
+                        help="fresh seeds of the measurement runs (not the tuning seed)")
+    parser.add_argument("--tune-seed", type=int, default=d.tune_seed)
+    parser.add_argument("--accuracy-epochs", type=float, default=d.accuracy_epochs,
+                        help="fixed epoch budget of the accuracy-vs-batch comparison")
+    parser.add_argument("--expected-epochs", type=float, default=d.expected_epochs,
+                        help="expected epochs to the target at B_ref (sets its budget)")
+    parser.add_argument("--budget-factor", type=float, default=d.budget_factor,
+                        help="budget = this x the expected steps")
+    parser.add_argument("--max-budget-epochs", type=float, default=d.max_budget_epochs)
+    parser.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                        help="evaluate every this fraction of the fewest possible steps")
+    parser.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    parser.add_argument("--lr-factor", type=float, default=d.lr_factor,
+                        help="spacing of the learning-rate grid")
+    parser.add_argument("--max-extend", type=int, default=d.max_extend,
+                        help="extra learning rates when the best is at an edge")
+    parser.add_argument("--probe", default=f"{d.probe_count}x{d.probe_micro}",
+                        help="frozen-weights probe: COUNTxMICRO micro-batches")
+    parser.add_argument("--noise-every", type=int, default=d.noise_every,
+                        help="online noise-scale reading every N steps at B_ref (0 = off)")
+    parser.add_argument("--eval-examples", type=int, default=d.eval_examples,
+                        help="size of the fixed held-out subset")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="use only the first N training images")
-    parser.add_argument("--set", action="append", default=[], dest="extra_sets", metavar="KEY=VALUE",
-                        help="extra recipe override applied to every run")
-    parser.add_argument("--run-timeout", type=int, default=1200,
-                        help="seconds per run (runs in their own process only)")
-    parser.add_argument("--subprocess", action="store_true",
-                        help="run each single-worker training as its own `hvdscale train` "
-                             "process (always so with --np > 1)")
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    parser.add_argument("--out", default="runs/sweep", help="folder for results.json")
+    parser.add_argument("--report-dir", default=None,
+                        help="where report.md, results.json and the PNGs go (default: --out)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from OUT/results.json without training")
-    parser.add_argument("--no-progress", action="store_true")
 
 
-def _settings(args):
-    from hvdscale.study.sweep import SweepSettings, parse_batch_sizes
+def _defaults():
+    from hvdscale.study.sweep import StudySettings
+    return StudySettings(recipes=[], batch_sizes=[], target=0.0)
+
+
+def settings_from_args(args):
+    from hvdscale.study.sweep import StudySettings, check, parse_batch_sizes
 
     if not args.recipes:
         raise ConfigError("give at least one RECIPE (one per optimizer setting)")
@@ -59,31 +71,39 @@ def _settings(args):
         if not Path(recipe).is_file():
             raise ConfigError(f"recipe not found: {recipe}")
     if args.batch_sizes is None:
-        raise ConfigError("--batch-sizes is required, e.g. --batch-sizes 64,256,1024,4096")
+        raise ConfigError("--batch-sizes is required, e.g. --batch-sizes 32,128,512,2048")
     if args.target is None:
-        raise ConfigError("--target is required, e.g. --target 0.85")
+        raise ConfigError("--target is required, e.g. --target 0.82")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        count, micro = (int(v) for v in args.probe.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
-            from None
-    for name, value, low in (("--np", args.workers, 1), ("--min-steps", args.min_steps, 1),
-                             ("--max-per-worker", args.max_per_worker, 1),
-                             ("--eval-examples", args.eval_examples, 1),
-                             ("--noise-every", args.noise_every, 0)):
+        raise ConfigError(f"--seeds/--probe: expected integers ('1,2,3', '64x32'), got "
+                          f"{args.seeds!r} / {args.probe!r}") from None
+    for name, value, low in (("--eval-examples", args.eval_examples, 100),
+                             ("--noise-every", args.noise_every, 0), ("--probe count", count, 2),
+                             ("--probe micro", micro, 1), ("--threads", args.threads, 1),
+                             ("--bootstrap", args.bootstrap, 10), ("--max-extend", args.max_extend, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    if not args.epochs > 0:
-        raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
-    if not 0 <= args.noise_ema < 1:
-        raise ConfigError(f"--noise-ema must be in [0, 1), got {args.noise_ema}")
-    return SweepSettings(
+    for name, value in (("--accuracy-epochs", args.accuracy_epochs),
+                        ("--expected-epochs", args.expected_epochs),
+                        ("--eval-fraction", args.eval_fraction),
+                        ("--max-budget-epochs", args.max_budget_epochs)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    settings = StudySettings(
         recipes=list(args.recipes), batch_sizes=parse_batch_sizes(args.batch_sizes),
-        target=args.target, seeds=seeds or [42], workers=args.workers,
-        max_per_worker=args.max_per_worker, epochs=args.epochs, min_steps=args.min_steps,
-        eval_examples=args.eval_examples, noise_every=args.noise_every, noise_ema=args.noise_ema,
-        train_limit=args.train_limit, extra_sets=list(args.extra_sets),
-        run_timeout=args.run_timeout, in_process=not args.subprocess)
+        target=args.target, seeds=seeds, tune_seed=args.tune_seed,
+        accuracy_epochs=args.accuracy_epochs, expected_epochs=args.expected_epochs,
+        budget_factor=args.budget_factor, max_budget_epochs=args.max_budget_epochs,
+        eval_fraction=args.eval_fraction, warmup_fraction=args.warmup_fraction,
+        lr_factor=args.lr_factor, max_extend=args.max_extend, probe_micro=micro,
+        probe_count=count, noise_every=args.noise_every, eval_examples=args.eval_examples,
+        train_limit=args.train_limit, data_root=args.data_root, threads=args.threads,
+        bootstrap=args.bootstrap)
+    check(settings)
+    return settings
 
 
 def machine():
@@ -92,66 +112,57 @@ def machine():
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
+def _load():
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def run(args):
-    from hvdscale.study import report, sweep
+    from hvdscale.study import analysis, report, sweep
 
     out = Path(args.out)
-    if args.report_only:
-        stored = sweep.load_results(out)
-        settings = sweep.SweepSettings(**stored["settings"])
-        records = stored["runs"]
-        command = stored.get("command")
-    else:
-        settings = _settings(args)
-        sweep.plan(settings, out)        # validates the whole plan before the first run
-        command = "hvdscale sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-            if len(sys.argv) > 2 else "hvdscale sweep"
-        records = sweep.run_sweep(settings, out, progress=not args.no_progress)
-        stored = json.loads((out / sweep.RESULTS_FILE).read_text())
-        stored["command"] = command
-        stored["machine"] = machine()
-        (out / sweep.RESULTS_FILE).write_text(json.dumps(stored, indent=1))
-    meta = {
-        "title": "batch-size sweep, " + ", ".join(dict.fromkeys(r["setting"] for r in records)),
-        "command": command or "?",
-        "machine": stored.get("machine") or machine(),
-        "date": datetime.date.today().isoformat(),
-        "data": f"{_data_note(settings)}",
-        "target": settings.target,
-        "epoch_budget": settings.epochs,
-    }
     report_dir = Path(args.report_dir) if args.report_dir else out
-    path = report.write_report(records, report_dir, meta)
-    analysis = report.analyse(records)
-    _print_table(analysis)
-    print(f"report: {path}")
-    headline = {"report": str(path), "runs": len(records),
-                "failed": sum(1 for r in records if r.get("status") != "ok")}
-    for setting, a in analysis.items():
-        m = a["measured"]
-        headline[setting] = {"b_crit_measured": m.b_crit, "status": m.status,
-                             "b_simple_predicted": a["predicted"]}
+    if args.report_only:
+        payload = sweep.load_results(out)
+    else:
+        settings = settings_from_args(args)
+        command = "hvdscale sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+            if len(sys.argv) > 2 and sys.argv[1] == "sweep" else "hvdscale sweep (API)"
+        load_start = _load()
+        print(f"hvdscale sweep: load average {load_start}", file=sys.stderr)
+        start = time.time()
+        study = sweep.Study(settings, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+        study.run()
+        results = [analysis.analyse_setting(study.runs, info, bootstrap=settings.bootstrap)
+                   for info in study.settings_out.values()]
+        payload = {
+            "meta": {"command": command, "machine": machine(), "load_start": load_start,
+                     "load_end": _load(), "date": datetime.date.today().isoformat(),
+                     "wall_s": time.time() - start, "runs": len(study.runs),
+                     "data": "Fashion-MNIST (" + (f"first {settings.train_limit}"
+                                                   if settings.train_limit else "60000")
+                             + " training images)",
+                     "eval_examples": settings.eval_examples, "target": settings.target,
+                     "accuracy_epochs": settings.accuracy_epochs, "seeds": settings.seeds,
+                     "tune_seed": settings.tune_seed},
+            "study_settings": sweep.settings_dict(settings),
+            "settings_results": results,
+            "runs": study.runs,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        sweep.save_results(out / sweep.RESULTS_FILE, payload)
+    if report_dir != out:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        sweep.save_results(report_dir / sweep.RESULTS_FILE, payload)
+    path = report.write_report(payload, report_dir)
+    headline = {"report": str(path), "runs": payload["meta"]["runs"],
+                "wall_s": round(payload["meta"]["wall_s"], 1)}
+    for s in payload["settings_results"]:
+        headline[s["setting"]] = {
+            "b_crit": s["b_crit"], "b_noise_at_target": s["b_noise_at_target"],
+            "predicted_over_measured": s["predicted_over_measured"],
+            "max_batch_within_0p3pp": s["max_batch_within_0p3pp"]}
     print(json.dumps(headline))
-    return 0 if headline["failed"] == 0 else 1
-
-
-def _data_note(settings):
-    limit = f"first {settings.train_limit} training images" if settings.train_limit else \
-        "60000 training images"
-    return f"Fashion-MNIST ({limit}, 10000 test images)"
-
-
-def _print_table(analysis):
-    header = f"{'setting':<18}{'batch':>7}{'steps':>9}{'S/S_perf':>10}{'time/step':>11}{'best acc':>10}"
-    print(header)
-    print("-" * len(header))
-    for setting, a in analysis.items():
-        for row in a["rows"]:
-            steps = f"{row['steps_to_target']:.0f}" if row["reached"] else f">{row['steps_run']}"
-            ratio = a["measured"].excess.get(row["batch_size"])
-            tps = f"{row['time_per_step_s']:.3f}s" if row["time_per_step_s"] else "-"
-            acc = f"{row['best_accuracy']:.4f}" if row["best_accuracy"] is not None else "-"
-            print(f"{setting:<18}{row['batch_size']:>7}{steps:>9}"
-                  f"{(f'{ratio:.2f}' if ratio else '-'):>10}{tps:>11}{acc:>10}")
-        print(f"{setting}: {a['measured'].describe()}; B_simple predicted: "
-              f"{'-' if a['predicted'] is None else format(a['predicted'], '.0f')}")
+    return 0

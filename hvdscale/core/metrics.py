@@ -161,3 +161,103 @@ def fit_steps_model(points):
     if a <= 0 or c <= 0:
         return None
     return a, c / a
+
+
+# --------------------------------------------------------------------------------------------
+# McCandlish et al.'s steps/examples trade-off, fitted with censoring
+#
+#     (S / S_min - 1) (E / E_min - 1) = 1,   E = B S
+# is the same curve as S(B) = S_min + E_min / B, and B_crit = E_min / S_min. The fit minimises
+# squared log-residuals over every run at every batch size; a run that missed the target within
+# its budget S_run only says S(B) > S_run, so it adds max(0, log S_run - log S_model)^2 (an
+# inequality: no cost while the model agrees with it). Repeats of a batch size (seeds) are
+# separate points.
+
+
+@dataclass
+class TradeoffFit:
+    s_min: float
+    e_min: float
+
+    @property
+    def b_crit(self):
+        return self.e_min / self.s_min
+
+    def steps(self, batch_size):
+        return self.s_min + self.e_min / batch_size
+
+
+def _tradeoff_loss(log_s, log_e, batch, log_steps, reached):
+    """Loss for every (log S_min, log E_min) pair in the broadcast grids."""
+    import numpy as np
+
+    model = np.log(np.exp(log_s)[..., None] + np.exp(log_e)[..., None] / batch)
+    resid = log_steps - model
+    resid = np.where(reached, resid, np.maximum(resid, 0.0))
+    return np.sum(resid ** 2, axis=-1)
+
+
+def fit_tradeoff(points):
+    """Fit S(B) = S_min + E_min / B to SweepPoints (missed targets as inequalities). Returns a
+    TradeoffFit, or None with fewer than two batch sizes that reached the target."""
+    import numpy as np
+
+    usable = [p for p in points if p.reached or p.steps_run]
+    reached = [p for p in usable if p.reached]
+    if len({p.batch_size for p in reached}) < 2:
+        return None
+    batch = np.array([float(p.batch_size) for p in usable])
+    log_steps = np.log([float(p.steps_to_target if p.reached else p.steps_run) for p in usable])
+    hit = np.array([p.reached for p in usable])
+    # S_min lies below the fewest steps seen, E_min below the fewest examples seen
+    s_hi = math.log(min(math.exp(v) for v, h in zip(log_steps, hit) if h)) + 0.5
+    e_hi = math.log(min(math.exp(v) * b for v, b, h in zip(log_steps, batch, hit) if h)) + 0.5
+    lo_s, hi_s, lo_e, hi_e = s_hi - 9.0, s_hi, e_hi - 9.0, e_hi
+    best = None
+    for _ in range(4):          # coarse grid, then three zooms around the best cell
+        gs = np.linspace(lo_s, hi_s, 61)
+        ge = np.linspace(lo_e, hi_e, 61)
+        loss = _tradeoff_loss(gs[:, None], ge[None, :], batch, log_steps, hit)
+        i, j = np.unravel_index(np.argmin(loss), loss.shape)
+        best = (gs[i], ge[j])
+        ds, de = (hi_s - lo_s) / 10, (hi_e - lo_e) / 10
+        lo_s, hi_s, lo_e, hi_e = gs[i] - ds, gs[i] + ds, ge[j] - de, ge[j] + de
+    return TradeoffFit(math.exp(best[0]), math.exp(best[1]))
+
+
+def bootstrap_tradeoff(points, replicates=300, level=0.95, seed=0):
+    """Percentile interval of B_crit from refits on bootstrap resamples of the seeds: at every
+    batch size its runs are drawn with replacement. Returns (fit, ci_low, ci_high, refits)
+    with None bounds when fewer than two batch sizes reach the target."""
+    import numpy as np
+
+    fit = fit_tradeoff(points)
+    if fit is None:
+        return None, None, None, []
+    rng = np.random.default_rng(seed)
+    by_batch = {}
+    for p in points:
+        by_batch.setdefault(p.batch_size, []).append(p)
+    values = []
+    for _ in range(replicates):
+        sample = []
+        for group in by_batch.values():
+            sample += [group[k] for k in rng.integers(0, len(group), size=len(group))]
+        refit = fit_tradeoff(sample)
+        if refit is not None:
+            values.append(refit)
+    if not values:
+        return fit, None, None, values
+    lo, hi = np.percentile([v.b_crit for v in values], [50 * (1 - level), 50 * (1 + level)])
+    return fit, float(lo), float(hi), values
+
+
+def b_crit_2x_offset_removed(points, factor=2.0):
+    """The 2x-perfect-scaling rule as a cross-check: under S = S_min + E_min / B it lands at
+    B_2x = B_crit + 2 B0 (B0 the smallest batch), so 2 B0 is subtracted. points: one SweepPoint
+    per batch size (seeds already combined). Returns (value or None, BCritResult)."""
+    raw = b_crit_from_sweep(points, factor)
+    if raw.b_crit is None:
+        return None, raw
+    b0 = min(p.batch_size for p in points)
+    return raw.b_crit - 2.0 * b0, raw

@@ -1,22 +1,26 @@
-"""The critical-batch-size sweep: one `hvdscale train` run per (optimizer setting, global batch
-size, seed), each in its own process and output folder, then the report.
+"""The critical-batch-size study: per-batch-size learning-rate tuning, fresh-seed measurement
+runs, the frozen-weights noise probe at the target, and the analysis (docs/study.md).
 
-Plan of one run
-- global batch B = workers * per_worker * accumulation; the per-worker micro-batch is capped
-  (`max_per_worker`) and larger batches use gradient accumulation, the same update as more
-  workers would make.
-- budget: max(`epochs` epochs, `min_steps` steps). The run does not stop at the target: the
-  steps to target are read off its evaluation log, and the accuracy at the fixed epoch budget
-  comes from the same run. The step floor gives large batches enough updates to show how far
-  above perfect scaling they land.
-- evaluation every max(1, eval_examples // B) steps, so steps to target are resolved to about
-  `eval_examples` training examples at every batch size.
+Plan, per optimizer setting (one recipe) and global batch size B, smallest first
+- expected need: at B_ref `expected_epochs` epochs (from a timing probe); above it the steps
+  the previous batch size needed, S(B_prev) (steps to a target never grow with the batch).
+- budget: `budget_factor` x the expected need, capped at `max_budget_epochs`; evaluation every
+  `eval_fraction` of the perfect-scaling lower bound S(B_prev) B_prev / B (so at most that
+  fraction of the real need); warm-up `warmup_fraction` of the expected need.
+- learning rates: 3 log-spaced points (factor `lr_factor`) around the previous batch size's
+  best, scaled by the recipe's rule (linear for SGD, sqrt for LARS/LAMB); while the best is
+  at an edge of the tried points, one more point beyond that edge (up to `max_extend`).
+  Each tuning run uses seed `tune_seed` and stops at the target; the best is the one with the
+  fewest steps to the target (a diverged run is never best).
+- measurement: the best learning rate re-run with the fresh `seeds` (not the tuning seed,
+  so the winner's lucky draw does not bias the steps). These runs also train to the fixed
+  accuracy budget (`accuracy_epochs`), and at B_ref keep the weights at the target for
+  the noise probe.
+Every run is in this process (hvdscale.study.inproc): the global batch is what matters.
 """
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,57 +31,40 @@ RESULTS_FILE = "results.json"
 
 
 @dataclass
-class SweepSettings:
+class StudySettings:
     recipes: list
     batch_sizes: list
     target: float
-    seeds: list = field(default_factory=lambda: [42])
-    workers: int = 1
-    max_per_worker: int = 512
-    epochs: float = 3.0
-    min_steps: int = 60
-    eval_examples: int = 4096
-    noise_every: int = 10
-    noise_ema: float = 0.95
+    seeds: list = field(default_factory=lambda: [1, 2, 3])
+    tune_seed: int = 0
+    accuracy_epochs: float = 1.0
+    expected_epochs: float = 0.5
+    budget_factor: float = 3.0
+    max_budget_epochs: float = 16.0
+    eval_fraction: float = 0.05
+    warmup_fraction: float = 0.05
+    lr_factor: float = 2.0
+    max_extend: int = 3
+    probe_micro: int = 32
+    probe_count: int = 64
+    probe_snapshots: int = 8
+    noise_every: int = 5
+    eval_examples: int = 5000
     train_limit: int = None
-    extra_sets: list = field(default_factory=list)
-    run_timeout: int = 1200
-    in_process: bool = True      # one worker: run the engine here, no per-run start-up
+    data_root: str = None
+    threads: int = 1
+    bootstrap: int = 300
 
 
 @dataclass
-class RunSpec:
-    setting: str
-    recipe: str
-    batch_size: int
-    seed: int
-    per_worker: int
-    accumulation: int
-    max_steps: int
-    eval_every_steps: int
-    out: str
-
-    def overrides(self, settings):
-        sets = [
-            f"batch.per_worker={self.per_worker}",
-            f"batch.accumulation={self.accumulation}",
-            f"train.seed={self.seed}",
-            f"train.target_accuracy={settings.target}",
-            "train.stop_at_target=false",
-            f"train.epochs={_epochs_for_steps(self.max_steps, self.batch_size, settings)}",
-            f"train.max_steps={self.max_steps}",
-            f"train.eval_every_steps={self.eval_every_steps}",
-            "train.eval_every_epochs=null",
-            f"noise_scale.every={settings.noise_every}",
-            f"noise_scale.ema={settings.noise_ema}",
-            "log.progress=false",
-            "log.tensorboard=false",
-            "checkpoint.every_epochs=null",
-            "checkpoint.every_steps=null",
-        ]
-        if settings.train_limit:
-            sets.append(f"data.train_limit={settings.train_limit}")
-        return sets + list(settings.extra_sets)
+class Setting:
+    label: str
+    optimizer: str
+    optimizer_cfg: dict
+    model: str
+    base_lr: float
+    reference_batch: int
+    scaling: str
 
 
 def parse_batch_sizes(text):
@@ -92,308 +79,240 @@ def parse_batch_sizes(text):
     return sorted(sizes)
 
 
-def batch_layout(global_batch, workers, max_per_worker):
-    """(per_worker, accumulation) for a global batch: the largest micro-batch that fits under
-    max_per_worker and divides the per-worker share exactly."""
-    if global_batch % workers:
-        raise ConfigError(f"batch size {global_batch} does not split evenly over {workers} workers")
-    share = global_batch // workers
-    accumulation = max(1, math.ceil(share / max_per_worker))
-    while share % accumulation:
-        accumulation += 1
-    return share // accumulation, accumulation
+def read_setting(recipe):
+    """The parts of a recipe the study uses (validated by hvdscale's config loader)."""
+    from hvdscale.config import load_config, read_recipe
+
+    cfg = load_config(recipe)
+    if cfg.framework != "torch":
+        raise ConfigError(f"{recipe}: the study runs torch recipes (framework: torch), "
+                          f"got {cfg.framework}")
+    raw = read_recipe(recipe)
+    opt = {k: v for k, v in (raw.get("optimizer") or {}).items() if k not in ("name", "base_lr")}
+    return Setting(label=str(raw.get("name") or Path(recipe).stem), optimizer=cfg.optimizer.name,
+                   optimizer_cfg=opt, model=cfg.model.name, base_lr=float(cfg.optimizer.base_lr),
+                   reference_batch=int(cfg.batch.reference or cfg.batch.per_worker),
+                   scaling=str(cfg.lr.scaling))
 
 
-def train_examples(settings):
-    """Training-set size the budget is counted in (Fashion-MNIST: 60000, or train_limit)."""
-    return settings.train_limit or 60000
+def scaled(lr, from_batch, to_batch, rule):
+    from hvdscale.core.scaling import scale_lr
+    return scale_lr(lr, from_batch, to_batch, rule)
 
 
-def steps_per_epoch(batch_size, settings):
-    """As the engine counts them: full global batches per pass over the training set."""
-    return max(1, train_examples(settings) // batch_size)
-
-
-def _epochs_for_steps(max_steps, batch_size, settings):
-    # train.epochs must cover max_steps (the engine rounds epochs * steps_per_epoch), so that
-    # max_steps is the budget that binds
-    return round((max_steps + 0.25) / steps_per_epoch(batch_size, settings), 6)
-
-
-def plan(settings, out_dir):
-    """Every run of the sweep, smallest batch first within each setting."""
-    if not 0 < settings.target <= 1:
-        raise ConfigError(f"--target must be an accuracy in (0, 1], got {settings.target}")
-    labels = [setting_label(r) for r in settings.recipes]
+def check(settings):
+    if not 0 < settings.target < 1:
+        raise ConfigError(f"--target must be an accuracy in (0, 1), got {settings.target}")
+    if not settings.seeds or settings.tune_seed in settings.seeds:
+        raise ConfigError("--seeds: give fresh seeds, different from the tuning seed "
+                          f"({settings.tune_seed})")
+    n = settings.train_limit or 60000
+    if max(settings.batch_sizes) > n:
+        raise ConfigError(f"batch size {max(settings.batch_sizes)} is larger than the training "
+                          f"set ({n} images)")
+    if settings.budget_factor < 1 or settings.lr_factor <= 1:
+        raise ConfigError("--budget-factor must be >= 1 and --lr-factor > 1")
+    labels = [read_setting(r).label for r in settings.recipes]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two recipes share the name {labels!r}: give each setting its own "
                           f"`name:`")
-    runs = []
-    n_train = train_examples(settings)
-    for recipe, label in zip(settings.recipes, labels):
-        for batch in settings.batch_sizes:
-            per_worker, accumulation = batch_layout(batch, settings.workers,
-                                                    settings.max_per_worker)
-            if batch > n_train:
-                raise ConfigError(f"batch size {batch} is larger than the training set "
-                                  f"({n_train} images)")
-            steps = max(math.ceil(settings.epochs * steps_per_epoch(batch, settings)),
-                        settings.min_steps)
-            for seed in settings.seeds:
-                runs.append(RunSpec(
-                    setting=label, recipe=str(recipe), batch_size=batch, seed=seed,
-                    per_worker=per_worker, accumulation=accumulation, max_steps=steps,
-                    eval_every_steps=max(1, settings.eval_examples // batch),
-                    out=str(Path(out_dir) / "runs" / f"{label}_b{batch}_s{seed}")))
-    return runs
 
 
-def setting_label(recipe):
-    """A recipe's `name:` (falls back to the file stem), used as the curve's label."""
-    from hvdscale.config import read_recipe
-    raw = read_recipe(recipe)
-    return str(raw.get("name") or Path(recipe).stem)
+class Study:
+    """Runs the plan of the module docstring and keeps every run's record."""
+
+    def __init__(self, settings, out_dir, log=print, data=None):
+        import torch
+
+        from hvdscale.study.inproc import load_data
+
+        self.s = settings
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        torch.set_num_threads(max(1, settings.threads))
+        self.data = data if data is not None else \
+            load_data(settings.data_root, settings.eval_examples, settings.train_limit)
+        self.runs = []           # every run's record (results.json "runs")
+        self.settings_out = {}   # per setting: lr grids, chosen lrs, probes
+
+    # ---------------------------------------------------------------- one run
+    def _run(self, setting, batch, lr, seed, role, budget, eval_every, warmup, **extra):
+        from hvdscale.study import inproc
+        from hvdscale.study.inproc import RunConfig
+
+        cfg = RunConfig(optimizer=setting.optimizer, optimizer_cfg=setting.optimizer_cfg,
+                        model=setting.model, batch_size=batch, lr=lr, seed=seed,
+                        max_steps=budget, eval_every=eval_every, target=self.s.target,
+                        warmup_steps=warmup, **extra)
+        res = inproc.train(cfg, self.data)
+        record = {
+            "setting": setting.label, "optimizer": setting.optimizer, "batch_size": batch,
+            "lr": lr, "seed": seed, "role": role, "status": res.status,
+            "steps_to_target": res.steps_to_target, "steps_run": res.steps_run,
+            "budget_steps": budget, "eval_every": eval_every, "warmup_steps": warmup,
+            "examples_to_target": res.steps_to_target * batch if res.reached else None,
+            "accuracy_at_budget": res.accuracy_at_budget,
+            "best_eval_accuracy": max(a for _, a, _ in res.evals),
+            "diverged_at": res.diverged_at, "wall_s": round(res.wall_s, 3),
+            "evals": [[s, round(a, 4), None if l is None else round(l, 4)]
+                      for s, a, l in res.evals],
+        }
+        self.runs.append(record)
+        steps = f"{res.steps_to_target:.1f}" if res.reached else f">{res.steps_run}"
+        self.log(f"  {setting.label} B={batch} lr={lr:.4g} seed={seed} {role}: {res.status} "
+                 f"{steps} steps, acc@budget {res.accuracy_at_budget}, {res.wall_s:.1f}s")
+        return record, res
+
+    # ---------------------------------------------------------------- one setting
+    def run_setting(self, recipe):
+        s = self.s
+        setting = read_setting(recipe)
+        n = self.data.n_train
+        b_ref = s.batch_sizes[0]
+        center = scaled(setting.base_lr, setting.reference_batch, b_ref, setting.scaling)
+        out = {"setting": setting.label, "optimizer": setting.optimizer, "recipe": str(recipe),
+               "scaling": setting.scaling, "lr_grid": {}, "chosen_lr": {}, "probes": []}
+        prev = None        # (batch, steps at that batch)
+        for batch in s.batch_sizes:
+            per_epoch = n // batch
+            if prev is None:
+                need = floor = s.expected_epochs * per_epoch
+            else:
+                need = prev[1]
+                floor = prev[1] * prev[0] / batch        # perfect scaling: the fewest steps
+            budget = int(math.ceil(min(s.budget_factor * need, s.max_budget_epochs * per_epoch)))
+            eval_every = max(1, int(s.eval_fraction * floor))
+            warmup = int(round(s.warmup_fraction * floor))
+            tried = {}
+            for lr in (center / s.lr_factor, center, center * s.lr_factor):
+                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
+                                         eval_every, warmup)
+            for _ in range(s.max_extend):
+                best = _best_lr(tried)
+                ordered = sorted(tried)
+                if best == ordered[0]:
+                    lr = ordered[0] / s.lr_factor
+                elif best == ordered[-1]:
+                    lr = ordered[-1] * s.lr_factor
+                else:
+                    break
+                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
+                                         eval_every, warmup)
+            best = _best_lr(tried)
+            out["lr_grid"][str(batch)] = sorted(tried)
+            out["chosen_lr"][str(batch)] = best
+            steps = []
+            for seed in s.seeds:
+                first = batch == b_ref
+                extra = dict(accuracy_epochs=s.accuracy_epochs,
+                             keep_target_state=first, noise_every=s.noise_every if first else 0)
+                if first and seed == s.seeds[0]:
+                    extra["snapshot_every"] = max(1, budget // (3 * s.probe_snapshots))
+                record, res = self._run(setting, batch, best, seed, "measure", budget,
+                                        eval_every, warmup, **extra)
+                steps.append(res.steps_to_target if res.reached else res.steps_run)
+                if first:
+                    self._probe(setting, out, seed, res)
+            prev = (batch, _median(steps))
+            if batch != s.batch_sizes[-1]:
+                nxt = s.batch_sizes[s.batch_sizes.index(batch) + 1]
+                center = scaled(best, batch, nxt, setting.scaling)
+        self.settings_out[setting.label] = out
+        return out
+
+    def _probe(self, setting, out, seed, res):
+        """Frozen-weights probes: at the weights of the target crossing, and (first seed) at the
+        snapshots taken along the run for the noise-over-training plot."""
+        from hvdscale.study.inproc import build
+        from hvdscale.study.probe import probe
+        from hvdscale.study.inproc import RunConfig
+
+        s = self.s
+
+        def at(state):
+            cfg = RunConfig(setting.optimizer, setting.optimizer_cfg, setting.model, 1, 1.0,
+                            seed, 1, 1, s.target)
+            model, _ = build(cfg)
+            model.load_state_dict(state["model"])
+            return probe(model, self.data.x_train, self.data.y_train, micro=s.probe_micro,
+                         count=s.probe_count, seed=seed, optimizer=setting.optimizer,
+                         optimizer_cfg=setting.optimizer_cfg,
+                         optimizer_state=state.get("optimizer"), replicates=s.bootstrap)
+
+        entry = {"seed": seed, "online_trace": res.online_noise,
+                 "steps_to_target": res.steps_to_target}
+        if res.target_state is not None:
+            p = at(res.target_state)
+            entry["at_target"] = _probe_record(p, res.target_state["step"])
+            entry["_result"] = p
+            online = [b for st, b in res.online_noise if st <= res.target_state["step"]]
+            entry["online_b_simple_at_target"] = online[-1] if online else None
+        trace = []
+        for state in res.snapshots:
+            trace.append(_probe_record(at(state), state["step"]))
+        entry["over_training"] = trace
+        out["probes"].append(entry)
+
+    def run(self):
+        start = time.time()
+        for recipe in self.s.recipes:
+            self.log(f"setting {recipe}")
+            self.run_setting(recipe)
+        self.wall_s = time.time() - start
+        return self.runs
 
 
-def train_command(spec, settings):
-    """The command line of one run (horovodrun -np K ... when the sweep uses several workers)."""
-    cmd = [sys.executable, "-m", "hvdscale.cli", "train", spec.recipe, "--out", spec.out]
-    for text in spec.overrides(settings):
-        cmd += ["--set", text]
-    if settings.workers > 1:
-        horovodrun = Path(sys.executable).parent / "horovodrun"
-        if not horovodrun.exists():
-            raise ConfigError(f"--np {settings.workers} needs horovodrun next to "
-                              f"{sys.executable}")
-        cmd = [str(horovodrun), "-np", str(settings.workers), "--gloo"] + cmd
-    return cmd
+def _probe_record(p, step):
+    import numpy as np
+
+    def ci(boot):
+        if boot is None:
+            return None
+        finite = boot[np.isfinite(boot)]
+        return [float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite) else None
+
+    return {"step": step, "b_simple": p.b_simple, "b_simple_ci": ci(p.boot_simple),
+            "b_layerwise": p.b_layerwise, "b_layerwise_ci": ci(p.boot_layerwise),
+            "per_layer": p.per_layer}
 
 
-def read_metrics(path):
-    """(evaluation records, summary or None) from a run's metrics.jsonl."""
-    evals, summary = [], None
+def _best_lr(tried):
+    """Fewest steps to the target; among runs that missed it, the best held-out accuracy;
+    a diverged run only when nothing else ran."""
+    def key(item):
+        lr, r = item
+        if r["status"] == "reached":
+            return (0, r["steps_to_target"])
+        if r["status"] == "censored":
+            return (1, -r["best_eval_accuracy"])
+        return (2, -lr)
+    return min(tried.items(), key=key)[0]
+
+
+def _median(values):
+    v = sorted(values)
+    k = len(v) // 2
+    return v[k] if len(v) % 2 else 0.5 * (v[k - 1] + v[k])
+
+
+def save_results(path, payload):
     path = Path(path)
-    if not path.is_file():
-        return evals, summary
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue       # a line cut short by a killed run
-        if record.get("event") == "summary":
-            summary = record
-        elif record.get("event") is None and "test_accuracy" in record:
-            evals.append(record)
-    return evals, summary
-
-
-def summarize_run(spec, evals, summary, settings, returncode, stderr_tail="", wall_s=None):
-    """One record of results.json from a run's log."""
-    record = asdict(spec)
-    record.update({"optimizer": (summary or {}).get("optimizer") or _recipe_optimizer(spec),
-                   "workers": settings.workers, "returncode": returncode,
-                   "wall_s": wall_s})
-    evals = sorted(evals, key=lambda r: r["step"])
-    hit = next((r for r in evals if r["test_accuracy"] >= settings.target), None)
-    within = [r["test_accuracy"] for r in evals if r.get("epoch", math.inf) <= settings.epochs + 1e-9]
-    steps_run = (summary or {}).get("steps") or (evals[-1]["step"] if evals else 0)
-    time_s = evals[-1].get("elapsed_s") if evals else None
-    ips = (summary or {}).get("images_per_sec")
-    gns_trace = [(r["step"], r["b_simple"]) for r in evals if r.get("b_simple") is not None]
-    gns_at_target = None
-    if hit is not None:
-        before = [b for s, b in gns_trace if s <= hit["step"]]
-        gns_at_target = before[-1] if before else None
-    lrs = [r["lr"] for r in evals if r.get("lr") is not None]
-    record.update({
-        "steps_to_target": hit["step"] if hit else None,
-        "epochs_to_target": hit.get("epoch") if hit else None,
-        "time_to_target_s": hit.get("elapsed_s") if hit else None,
-        "steps_run": steps_run,
-        "time_s": time_s,
-        "time_per_step_s": spec.batch_size / ips if ips else
-        (time_s / steps_run if time_s and steps_run else None),
-        "best_accuracy": max((r["test_accuracy"] for r in evals), default=None),
-        "accuracy_at_budget": max(within) if within else None,
-        "final_accuracy": evals[-1]["test_accuracy"] if evals else None,
-        "b_simple_at_target": gns_at_target,
-        "b_simple_trace": gns_trace,
-        "peak_lr": max(lrs) if lrs else None,
-    })
-    if returncode == 0 and summary is not None:
-        record["status"] = "ok"
-    elif _diverged(stderr_tail):
-        # the optimizer setting fails at this batch size: a missed target, not a broken run
-        record["status"] = "ok"
-        record["diverged"] = True
-        record["steps_to_target"] = None
-        record["steps_run"] = max(spec.max_steps, steps_run or 0)
-    else:
-        record["status"] = "failed"
-        record["error"] = stderr_tail.strip().splitlines()[-1] if stderr_tail.strip() else \
-            f"exit code {returncode}"
-    return record
-
-
-def _diverged(stderr_tail):
-    text = stderr_tail.lower()
-    return "non-finite" in text or "nonfinite" in text or "diverged" in text
-
-
-def _recipe_optimizer(spec):
-    from hvdscale.config import read_recipe
-    try:
-        return (read_recipe(spec.recipe).get("optimizer") or {}).get("name")
-    except ConfigError:
-        return None
-
-
-def run_sweep(settings, out_dir, progress=True, log=print):
-    """Run every planned run (resuming: a run whose results are already in results.json with
-    the same plan is not run again) and return the list of run records."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = plan(settings, out_dir)
-    done = {_key(r): r for r in load_results(out_dir)["runs"]} if \
-        (out_dir / RESULTS_FILE).is_file() else {}
-    records = []
-    bar = _progress(len(runs), progress)
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        for spec in runs:
-            bar.set_description(f"{spec.setting} B={spec.batch_size} seed={spec.seed}")
-            previous = done.get(_key(asdict(spec)))
-            if previous is not None and previous.get("status") == "ok" and \
-                    previous.get("max_steps") == spec.max_steps:
-                records.append(previous)
-                bar.update(1)
-                continue
-            record = _run_one(spec, settings, env)
-            records.append(record)
-            save_results(out_dir, settings, records)
-            bar.set_postfix_str(_postfix(record))
-            bar.update(1)
-            if record["status"] != "ok":
-                log(f"hvdscale sweep: run {spec.setting} B={spec.batch_size} seed={spec.seed} "
-                    f"failed: {record.get('error')}")
-    finally:
-        bar.close()
-    save_results(out_dir, settings, records)
-    return records
-
-
-def _run_one(spec, settings, env):
-    Path(spec.out).mkdir(parents=True, exist_ok=True)
-    metrics = Path(spec.out) / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()     # a previous, different attempt must not leak into this record
-    if settings.in_process and settings.workers == 1:
-        return _run_in_process(spec, settings)
-    cmd = train_command(spec, settings)
-    start = time.time()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=settings.run_timeout)
-        returncode, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as err:
-        returncode = 124
-        stderr = (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) \
-            else (err.stderr or "")
-        stderr += f"\nrun timed out after {settings.run_timeout} s"
-    (Path(spec.out) / "train.log").write_text(stderr or "")
-    evals, summary = read_metrics(metrics)
-    return summarize_run(spec, evals, summary, settings, returncode, stderr[-4000:],
-                         wall_s=time.time() - start)
-
-
-def _run_in_process(spec, settings):
-    """The same run as `hvdscale train` in this process (one worker, no Horovod): saves the
-    framework import and start-up per run, which dominate small runs on a busy machine. A run
-    has no time limit here; the budget in steps bounds it."""
-    import argparse
-    import contextlib
-    import io
-    import traceback
-
-    from hvdscale.commands import train as train_command_module
-    from hvdscale.errors import NonFiniteLossError, UsageError
-
-    start = time.time()
-    log = io.StringIO()
-    returncode = 0
-    try:
-        with contextlib.redirect_stdout(log):
-            # the train command's own parser and set-up, so this is exactly `hvdscale train`
-            parser = argparse.ArgumentParser(prog="hvdscale train")
-            train_command_module.add_arguments(parser)
-            argv = [spec.recipe, "--out", spec.out, "--no-horovod"]
-            for text in spec.overrides(settings):
-                argv += ["--set", text]
-            train_command_module.build_engine(parser.parse_args(argv)).run()
-    except NonFiniteLossError as err:
-        returncode = 3
-        log.write(f"\nhvdscale train: error: {err}\n")
-    except UsageError as err:
-        returncode = 2
-        log.write(f"\nhvdscale train: error: {err}\n")
-    except Exception:  # noqa: BLE001 -- one broken run is recorded, the sweep goes on
-        returncode = 1
-        log.write("\n" + traceback.format_exc())
-    text = log.getvalue()
-    (Path(spec.out) / "train.log").write_text(text)
-    evals, summary = read_metrics(Path(spec.out) / "metrics.jsonl")
-    return summarize_run(spec, evals, summary, settings, returncode, text[-4000:],
-                         wall_s=time.time() - start)
-
-
-def _postfix(record):
-    if record["status"] != "ok":
-        return "failed"
-    if record.get("diverged"):
-        return "diverged"
-    if record["steps_to_target"] is None:
-        return f"missed (best {record['best_accuracy'] or 0:.3f})"
-    return f"{record['steps_to_target']} steps to target"
-
-
-def _key(record):
-    return (record["setting"], record["batch_size"], record["seed"])
-
-
-class _NoBar:
-    def set_description(self, *_):
-        pass
-
-    def set_postfix_str(self, *_):
-        pass
-
-    def update(self, *_):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, enabled):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
-
-
-def save_results(out_dir, settings, records):
-    path = Path(out_dir) / RESULTS_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": asdict(settings), "runs": records}, indent=1))
+    tmp.write_text(json.dumps(payload, indent=1, default=_plain))
     os.replace(tmp, path)
+
+
+def _plain(value):
+    try:
+        import numpy as np
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def load_results(out_dir):
@@ -404,3 +323,7 @@ def load_results(out_dir):
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+
+
+def settings_dict(settings):
+    return asdict(settings)
