@@ -6,11 +6,12 @@ HVDRUN  := $(VENV)/bin/horovodrun
 NP      ?= 2
 RECIPE  ?= pipelines/fashion_mnist_lamb.yaml
 PYTEST_ARGS ?=
+IMAGE   ?= localhost/hvdscale:cpu
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-gpu demo test test-fast doctor lint clean
+.PHONY: install install-gpu demo test test-fast doctor lint clean image-cpu test-image
 
 install:
 	bash launchers/install.sh
@@ -22,18 +23,30 @@ install-gpu:
 demo: install
 	bash launchers/demo.sh $(NP) $(RECIPE)
 
+# The container image test (marker image) builds Horovod once more: not part of this run.
 test: install
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not image" $(PYTEST_ARGS)
 
 # Everything but the multi-process jobs: a quick loop while editing.
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not multiproc and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not multiproc and not slow and not image" $(PYTEST_ARGS)
+
+# The CPU image with podman on a host without Docker or an image registry: a local Debian 12
+# base image (debootstrap) stands in for python:3.11-slim-bookworm; host settings (runc,
+# ulimits, host network) in launchers/container/podman-settings.sh; docs/cluster.md.
+image-cpu:
+	nice -n 10 bash launchers/container/build-cpu.sh $(IMAGE)
+
+# Build (cached layers are reused) and run doctor and a 2-worker training inside the image.
+test-image: install
+	$(PY) -m pytest -q -ra -m image $(PYTEST_ARGS)
 
 doctor: install
 	$(VENV)/bin/hvdscale doctor
 
 lint:
-	shellcheck launchers/*.sh launchers/hosts/*.sh launchers/slurm/*.sbatch launchers/hvdscale-run .ci/run
+	shellcheck launchers/*.sh launchers/hosts/*.sh launchers/slurm/*.sbatch launchers/slurm/*.sh \
+	    launchers/container/*.sh launchers/hvdscale-run .ci/run
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
