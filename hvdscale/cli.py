@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from hvdscale.errors import UsageError  # noqa: F401 - re-exported for older callers
+
 COMMANDS = {
     "doctor": "check this node's install: versions, Horovod build, GPUs",
     "train": "train a recipe (YAML under pipelines/) on K Horovod workers",
@@ -15,10 +17,6 @@ COMMANDS = {
     "data": "make or check image-folder data sets",
     "launch": "build and run the horovodrun / mpirun / srun command for a layout",
 }
-
-
-class UsageError(Exception):
-    """Bad input found before any compute: printed as one line, exit code 2."""
 
 
 def _load(name):
@@ -38,15 +36,16 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    command = _load(args.command)
     try:
-        return int(_load(args.command).run(args) or 0)
+        return int(command.run(args) or 0)
     except UsageError as err:
-        print(f"hvdscale {args.command}: error: {err}", file=sys.stderr)
+        # the library names the setting; the command knows which flag supplied it
+        flag = getattr(command, "SETTING_FLAGS", {}).get(getattr(err, "setting", None))
+        print(f"hvdscale {args.command}: error: {f'{flag}: ' if flag else ''}{err}",
+              file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    # `python -m hvdscale.cli` runs this file as __main__; call the importable module's main
-    # so that UsageError is the class hvdscale.errors subclasses (else errors escape as 1).
-    from hvdscale.cli import main as _main
-    sys.exit(_main())
+    sys.exit(main())

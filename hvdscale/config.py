@@ -9,34 +9,44 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from hvdscale import registry
+from hvdscale.core.optimizers import OPTIONS as OPTIMIZER_OPTIONS
 from hvdscale.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "pipelines" / "fashion_mnist_lamb.yaml"
 
 FRAMEWORKS = ("torch", "tensorflow")
-MODELS = ("cnn", "resnet8", "resnet20", "resnet50", "mlp")
-DATA_KINDS = ("fashion_mnist", "synthetic", "imagefolder")
 DECODERS = ("auto", "cpu", "mixed")
-OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUPS = ("linear", "zero", "none")
 DECAYS = ("constant", "multistep", "cosine", "polynomial", "exponential")
-NONFINITE_POLICIES = ("abort", "skip")
+NONFINITE_POLICIES = ("abort", "skip", "off")
+PRECISIONS = ("fp32", "bf16", "fp16")
 ELASTIC_POLICIES = ("keep_global_batch", "rescale_lr")
 
 
-def _spec(default, kind, *, choices=None, nullable=False, check=None, why=None):
+def _spec(default, kind, *, choices=None, nullable=False, check=None, why=None,
+          entry_point=False):
     """A schema field: `kind` is int|float|bool|str|"list_str"|"list_float"|"pair_float";
+    `choices` is a tuple or a registry (hvdscale.registry: read when a recipe is validated);
+    `entry_point`: "package.module:factory" is accepted besides the choices;
     `check(value) -> bool` rejects impossible values with the message `why`."""
-    meta = {"kind": kind, "choices": choices, "nullable": nullable, "check": check, "why": why}
+    meta = {"kind": kind, "choices": choices, "nullable": nullable, "check": check, "why": why,
+            "entry_point": entry_point}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _option(key):
+    """An optimizer option (hvdscale.core.optimizers.OPTIONS): null in the recipe means the
+    chosen optimizer's default, which validation fills in."""
+    return field(default=None, metadata={"option": key})
 
 
 def _positive(v):
@@ -53,14 +63,16 @@ def _fraction(v):            # [0, 1)
 
 @dataclass
 class ModelConfig:
-    name: str = _spec("cnn", str, choices=MODELS)
+    # a registered model (hvdscale.registry.MODELS) or your own "package.module:factory"
+    name: str = _spec("cnn", str, choices=registry.MODELS, entry_point=True)
     zero_init_residual: bool = _spec(True, bool)
     label_smoothing: float = _spec(0.0, float, check=_fraction, why="must be in [0, 1)")
 
 
 @dataclass
 class DataConfig:
-    kind: str = _spec("fashion_mnist", str, choices=DATA_KINDS)
+    # a registered kind (hvdscale.registry.DATA_KINDS) or your own "package.module:factory"
+    kind: str = _spec("fashion_mnist", str, choices=registry.DATA_KINDS, entry_point=True)
     path: Optional[str] = _spec(None, str, nullable=True)
     image_size: int = _spec(28, int, check=_positive, why="must be > 0")
     num_classes: int = _spec(10, int, check=lambda v: v >= 2, why="must be >= 2")
@@ -81,17 +93,31 @@ class BatchConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _spec("lamb", str, choices=OPTIMIZERS)
+    """The optimizer (hvdscale.registry.OPTIMIZERS), its base LR and exclusion rule, and its
+    options. Every option of hvdscale.core.optimizers.OPTIONS may be set; unset ones become
+    the chosen optimizer's default there (one set of defaults for both frameworks). Options
+    registered by a plugin are kept as attributes too (see `option`)."""
+    name: str = _spec("lamb", str, choices=registry.OPTIMIZERS)
     base_lr: float = _spec(0.002, float, check=_positive, why="must be > 0")
-    momentum: float = _spec(0.9, float, check=_fraction, why="must be in [0, 1)")
-    betas: List[float] = _spec([0.9, 0.999], "pair_float",
-                               check=lambda v: all(0 <= b < 1 for b in v),
-                               why="must be two numbers in [0, 1)")
-    eps: float = _spec(1e-6, float, check=_positive, why="must be > 0")
-    weight_decay: float = _spec(0.01, float, check=_non_negative, why="must be >= 0")
-    trust_coefficient: float = _spec(0.001, float, check=_positive, why="must be > 0")
     exclude_1d: bool = _spec(True, bool)
     exclude: List[str] = _spec([], "list_str")
+    momentum: Optional[float] = _option("momentum")
+    nesterov: Optional[bool] = _option("nesterov")
+    betas: Optional[List[float]] = _option("betas")
+    eps: Optional[float] = _option("eps")
+    weight_decay: Optional[float] = _option("weight_decay")
+    trust_coefficient: Optional[float] = _option("trust_coefficient")
+    bias_correction: Optional[bool] = _option("bias_correction")
+    clamp_value: Optional[float] = _option("clamp_value")
+    max_trust_ratio: Optional[float] = _option("max_trust_ratio")
+
+    def option(self, key: str) -> Any:
+        """An option's value (None when unset and not taken by the chosen optimizer)."""
+        return getattr(self, key, None)
+
+    def options(self) -> Dict[str, Any]:
+        """The options the chosen optimizer takes, with their values."""
+        return {key: self.option(key) for key in registry.OPTIMIZERS.get(self.name).options}
 
 
 @dataclass
@@ -126,6 +152,11 @@ class TrainConfig:
     stop_at_target: bool = _spec(False, bool)
     threads: Optional[int] = _spec(None, int, nullable=True, check=_positive, why="must be > 0")
     tau_ref: Optional[float] = _spec(None, float, nullable=True, check=_positive, why="must be > 0")
+    # arithmetic of forward/backward (autocast / Keras mixed policy); weights and optimizer
+    # state stay fp32. fp16 needs a GPU (loss scaling); bf16 runs on CPUs too
+    precision: str = _spec("fp32", str, choices=PRECISIONS)
+    # torch.compile / Keras jit_compile of the step; refused where it was not measured faster
+    compile: bool = _spec(False, bool)
 
 
 @dataclass
@@ -140,6 +171,14 @@ class CheckpointConfig:
     every_epochs: Optional[float] = _spec(1.0, float, nullable=True, check=_positive,
                                           why="must be > 0")
     keep: int = _spec(2, int, check=_positive, why="must be > 0")
+    # a checkpoint that cannot be written (disk full, read-only): stop every rank, or warn
+    # and train on (docs/reliability.md)
+    on_error: str = _spec("stop", str, choices=("stop", "warn"))
+    # exit code of every rank after a preemption checkpoint (SIGTERM/SIGUSR1); null = 0.
+    # HVDSCALE_REQUEUE_EXIT_CODE overrides it (e.g. 75 from a requeueing batch script)
+    requeue_exit_code: Optional[int] = _spec(None, int, nullable=True,
+                                             check=lambda v: 1 <= v <= 255,
+                                             why="must be in 1..255 (null = exit 0)")
 
 
 @dataclass
@@ -170,7 +209,11 @@ class NoiseScaleConfig:
 class LogConfig:
     tensorboard: bool = _spec(True, bool)
     progress: bool = _spec(True, bool)
+    # the step statistics (loss, non-finite count) are read from the device this often
+    every_steps: int = _spec(20, int, check=_positive, why="must be > 0")
 
+
+PLUGINS_KEY = "plugins"   # modules imported before validation; they register their entries
 
 SECTIONS = {
     "model": ModelConfig, "data": DataConfig, "batch": BatchConfig,
@@ -183,6 +226,7 @@ SECTIONS = {
 @dataclass
 class Config:
     name: str = _spec("unnamed", str)
+    plugins: List[str] = _spec([], "list_str")
     framework: str = _spec("torch", str, choices=FRAMEWORKS)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,15 +241,21 @@ class Config:
     noise_scale: NoiseScaleConfig = field(default_factory=NoiseScaleConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        out["optimizer"].update({k: v for k, v in vars(self.optimizer).items()
+                                 if k not in fields})       # options added by plugins
+        return out
 
     @property
-    def in_channels(self):
-        """Fashion-MNIST is grey; synthetic and image-folder data are RGB unless stated."""
+    def in_channels(self) -> int:
+        """data.channels, else the data kind's default (Fashion-MNIST grey, others RGB)."""
         if self.data.channels is not None:
             return self.data.channels
-        return 1 if self.data.kind == "fashion_mnist" else 3
+        if self.data.kind in registry.DATA_KINDS:
+            return registry.DATA_KINDS.get(self.data.kind).channels
+        return 3
 
 
 # ---------------------------------------------------------------------------------- coercion
@@ -261,8 +311,14 @@ def _coerce(value, meta, key):
         out = [_number(v, key, integral=False) for v in value]
     else:  # pragma: no cover - schema bug
         raise AssertionError(kind)
-    if meta["choices"] and out not in meta["choices"]:
-        raise ConfigError(f"{key}: {out!r} is not one of {', '.join(meta['choices'])}")
+    choices = meta["choices"]
+    if choices is not None and out not in choices:
+        if meta.get("entry_point") and registry.is_entry_point(out):
+            registry.check_entry_point(out, key)
+        else:
+            names = choices.names() if isinstance(choices, registry.Registry) else choices
+            extra = " or package.module:factory" if meta.get("entry_point") else ""
+            raise ConfigError(f"{key}: {out!r} is not one of {', '.join(names)}{extra}")
     if meta["check"] and not meta["check"](out):
         raise ConfigError(f"{key}: {meta['why']}, got {out!r}")
     return out
@@ -272,18 +328,37 @@ def _build(cls, raw, prefix):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    # optimizer options registered by plugins are valid keys without a dataclass field
+    extra = [k for k in OPTIMIZER_OPTIONS if k not in known] if cls is OptimizerConfig else []
+    unknown = sorted(set(raw) - set(known) - set(extra))
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key {unknown[0]!r}{where} (known: {', '.join(known)})")
-    values = {}
+        raise ConfigError(f"unknown key {unknown[0]!r}{where} "
+                          f"(known: {', '.join(list(known) + extra)})")
+    values, extras = {}, {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
         if prefix == "" and name in SECTIONS:
             values[name] = _build(SECTIONS[name], value if value is not None else {}, name)
+        elif name in extra or "option" in getattr(known.get(name), "metadata", {}):
+            # None: the optimizer's default (filled in by _resolve_optimizer)
+            target = extras if name in extra else values
+            value = None if value is None else OPTIMIZER_OPTIONS[name].validate(value, key)
+            target[name] = list(value) if isinstance(value, tuple) else value
         else:
             values[name] = _coerce(value, known[name].metadata, key)
-    return cls(**values)
+    out = cls(**values)
+    for name, value in extras.items():
+        setattr(out, name, value)
+    return out
+
+
+def _resolve_optimizer(opt):
+    """Fill the chosen optimizer's unset options with its defaults (hvdscale.core.optimizers)
+    and check that the recipe's values fit it; list-valued options stay lists in the config."""
+    info = registry.OPTIMIZERS.get(opt.name)
+    for key, value in info.resolve_options(opt.option).items():
+        setattr(opt, key, list(value) if isinstance(value, tuple) else value)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -309,16 +384,31 @@ def _check_consistency(cfg):
     if t.eval_every_epochs is None and t.eval_every_steps is None:
         # still evaluated at the end; that is allowed, nothing to check
         pass
-    if cfg.data.kind == "fashion_mnist":
-        if cfg.data.image_size != 28 or cfg.data.num_classes != 10:
-            raise ConfigError(f"data: fashion_mnist is 28x28 with 10 classes, got "
-                              f"image_size={cfg.data.image_size}, num_classes={cfg.data.num_classes}")
-        if cfg.data.channels not in (None, 1):
-            raise ConfigError(f"data.channels: fashion_mnist is grey (1 channel), got "
-                              f"{cfg.data.channels}")
-    if cfg.model.name.startswith("resnet") and cfg.data.image_size < 8:
-        raise ConfigError(f"data.image_size {cfg.data.image_size} is too small for "
-                          f"{cfg.model.name} (needs >= 8)")
+    opt = registry.OPTIMIZERS.get(cfg.optimizer.name)
+    if cfg.framework not in opt.builders:
+        raise ConfigError(f"optimizer.name: {opt.name!r} has no {cfg.framework} version "
+                          f"(it has {', '.join(opt.builders) or 'none'})")
+    if cfg.model.name in registry.MODELS \
+            and cfg.framework not in registry.MODELS.get(cfg.model.name).builders:
+        raise ConfigError(f"model.name: {cfg.model.name!r} has no {cfg.framework} build")
+    kind = registry.DATA_KINDS.get(cfg.data.kind) if cfg.data.kind in registry.DATA_KINDS \
+        else None
+    if kind is not None and kind.fixed:
+        d = cfg.data
+        if any(getattr(d, k) != kind.fixed[k] for k in ("image_size", "num_classes")
+               if k in kind.fixed):
+            raise ConfigError(f"data: {kind.name} is {kind.fixed['image_size']}x"
+                              f"{kind.fixed['image_size']} with {kind.fixed['num_classes']} "
+                              f"classes, got image_size={d.image_size}, "
+                              f"num_classes={d.num_classes}")
+        if "channels" in kind.fixed and d.channels not in (None, kind.fixed["channels"]):
+            raise ConfigError(f"data.channels: {kind.name} has {kind.fixed['channels']} "
+                              f"channel(s), got {d.channels}")
+    if cfg.model.name in registry.MODELS:
+        need = registry.MODELS.get(cfg.model.name).min_image_size
+        if cfg.data.image_size < need:
+            raise ConfigError(f"data.image_size {cfg.data.image_size} is too small for "
+                              f"{cfg.model.name} (needs >= {need})")
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -371,13 +461,19 @@ def read_recipe(path):
     return raw
 
 
-def config_from_dict(raw):
+def config_from_dict(raw: Dict[str, Any]) -> "Config":
+    """Validate a recipe mapping completely; plugins named in it are imported first."""
+    if isinstance(raw, dict) and raw.get(PLUGINS_KEY):
+        plugins = _coerce(raw[PLUGINS_KEY], {"kind": "list_str", "nullable": False,
+                                             "choices": None, "check": None}, PLUGINS_KEY)
+        registry.load_plugins(plugins)
     cfg = _build(Config, raw, "")
+    _resolve_optimizer(cfg.optimizer)
     _check_consistency(cfg)
     return cfg
 
 
-def load_config(recipe=None, overrides=()):
+def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> "Config":
     """Recipe file (default: the built-in Fashion-MNIST LAMB recipe) + `--set` overrides."""
     raw = read_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
     try:

@@ -18,15 +18,16 @@ Rules the builder applies, because each one costs a queue wait when forgotten:
 import math
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
+from hvdscale import registry
 from hvdscale.errors import ConfigError
-from hvdscale.rendezvous import ALL_INTERFACES
 
-LAUNCHERS = ("horovodrun", "mpirun", "srun")
+# The launchers are entries of hvdscale.registry.LAUNCHERS (name, description, planner and
+# command builder); this tuple is the built-in names, for option choices.
+LAUNCHERS = registry.LAUNCHERS.names()
 CONTROLLERS = ("gloo", "mpi")
 SRUN_MPI_PLUGINS = ("pmix", "pmi2")
 # Forwarded to mpirun workers when set; NCCL_* and HOROVOD_* are added by prefix.
@@ -64,11 +65,6 @@ class Layout:
     is_root: bool = False
     launcher_args: Tuple[str, ...] = ()     # passed to the launcher verbatim, before the command
     launcher_path: Optional[str] = None     # the launcher executable if not the bare name
-    # horovodrun + Gloo: the address/port the rendezvous server listens on (hvdscale.rendezvous;
-    # no address: network_interface's, else every interface)
-    rendezvous_addr: Optional[str] = None
-    rendezvous_port: Optional[int] = None
-    python: str = sys.executable            # runs hvdscale.rendezvous in front of horovodrun
 
 
 @dataclass(frozen=True)
@@ -165,10 +161,11 @@ def _no_duplicates(hosts, where):
 # layout -> plan
 
 
-def plan_layout(layout, env):
+def plan_layout(layout: Layout, env: Mapping[str, str]) -> Plan:
     """Check a layout and derive worker counts, hosts and thread counts."""
-    if layout.launcher not in LAUNCHERS:
-        raise ConfigError(f"unknown launcher {layout.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if layout.launcher not in registry.LAUNCHERS:
+        raise ConfigError(f"unknown launcher {layout.launcher!r}; choose one of "
+                          f"{', '.join(registry.LAUNCHERS.names())}")
     if not layout.command:
         raise ConfigError("nothing to launch: put the worker command after '--', "
                           "e.g. -- hvdscale train RECIPE")
@@ -189,14 +186,9 @@ def plan_layout(layout, env):
         raise ConfigError("elastic jobs need --launcher horovodrun (mpirun and srun cannot add hosts)")
     if not layout.elastic and (layout.min_np or layout.max_np):
         raise ConfigError("--min-np/--max-np only apply to --elastic jobs")
-    if (layout.rendezvous_addr or layout.rendezvous_port) and not uses_gloo_rendezvous(layout):
-        raise ConfigError("--rendezvous-addr/--rendezvous-port only apply to horovodrun's Gloo "
-                          "controller (MPI starts no rendezvous server)")
     if layout.ssh_port is not None and layout.launcher == "srun":
         raise ConfigError("--ssh-port does not apply to srun (SLURM starts the workers itself)")
-    if layout.launcher == "srun":
-        return _plan_srun(layout, env)
-    return _plan_hosts(layout, env)
+    return registry.resolve(registry.LAUNCHERS.get(layout.launcher).plan)(layout, env)
 
 
 def _workers_for_gpus(layout, workers):
@@ -213,7 +205,8 @@ def _threads(layout, env, cores, workers_per_node):
     return max(1, cores // workers_per_node)
 
 
-def _plan_hosts(layout, env):
+def plan_hosts(layout: Layout, env: Mapping[str, str]) -> Plan:
+    """Hosts and slots for launchers that start workers over ssh (horovodrun, mpirun)."""
     default_slots = layout.workers_per_node or layout.gpus_per_node or None
     hosts = layout.hosts
     if layout.elastic and not (layout.hostfile or hosts):
@@ -266,7 +259,8 @@ def _env_int(env, name):
     return int(value) if value.isdigit() and int(value) >= 1 else None
 
 
-def _plan_srun(layout, env):
+def plan_srun(layout: Layout, env: Mapping[str, str]) -> Plan:
+    """Nodes and tasks inside a SLURM allocation."""
     if layout.hosts or layout.hostfile:
         raise ConfigError("srun takes its nodes from the SLURM allocation; drop --hosts/--hostfile")
     np_ = layout.np or _env_int(env, "SLURM_NTASKS")
@@ -304,11 +298,11 @@ def forwarded_variables(env):
     return tuple(names)
 
 
-def build_command(layout, env):
+def build_command(layout: Layout, env: Mapping[str, str]) -> List[str]:
     """The complete argv for `layout`, given the launching shell's environment `env`."""
     plan = plan_layout(layout, env)
     env = dict(env)
-    builder = {"mpirun": _mpirun, "horovodrun": _horovodrun, "srun": _srun}[layout.launcher]
+    builder = registry.resolve(registry.LAUNCHERS.get(layout.launcher).command)
     return builder(layout, plan, env)
 
 
@@ -316,7 +310,7 @@ def _exe(layout):
     return layout.launcher_path or layout.launcher
 
 
-def _mpirun(layout, plan, env):
+def mpirun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> List[str]:
     argv = []
     if layout.is_root:
         # mpirun refuses root without the flag; the variables also cover MPI started inside.
@@ -342,40 +336,7 @@ def _mpirun(layout, plan, env):
     return argv + list(layout.launcher_args) + list(layout.command)
 
 
-def uses_gloo_rendezvous(layout: Layout) -> bool:
-    """horovodrun starts a Gloo rendezvous server unless told to use MPI."""
-    return layout.launcher == "horovodrun" and layout.controller != "mpi"
-
-
-def rendezvous_warning(layout: Layout) -> Optional[str]:
-    """The warning for a Gloo rendezvous that would listen on every interface."""
-    if uses_gloo_rendezvous(layout) and (layout.rendezvous_addr == ALL_INTERFACES or (
-            layout.rendezvous_addr is None and not layout.network_interface)):
-        return ("the Gloo rendezvous (horovodrun's key-value store; it checks no key) will listen "
-                "on every interface (0.0.0.0): give --network-interface or --rendezvous-addr to "
-                "bind it to the training network, or --controller mpi on a shared network "
-                "(docs/cluster.md, 'Rendezvous')")
-    return None
-
-
-def _horovodrun_exe(layout):
-    """horovodrun, or hvdscale.rendezvous running horovodrun with the Gloo rendezvous bound to
-    --rendezvous-addr, else to the address of --network-interface (looked up when it runs)."""
-    if not uses_gloo_rendezvous(layout):
-        return [_exe(layout)]
-    if layout.rendezvous_addr:
-        where = ["--bind", layout.rendezvous_addr]
-    elif layout.network_interface:
-        where = ["--bind-interface", layout.network_interface]
-    else:
-        return [_exe(layout)]
-    exe = [layout.python, "-m", "hvdscale.rendezvous", *where]
-    if layout.rendezvous_port:
-        exe += ["--port", str(layout.rendezvous_port)]
-    return exe + ["--"]
-
-
-def _horovodrun(layout, plan, env):
+def horovodrun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> List[str]:
     # horovodrun passes its whole environment on to every worker, local or remote.
     extra_env = [f"OMP_NUM_THREADS={plan.threads}"]
     if layout.is_root:
@@ -387,7 +348,7 @@ def _horovodrun(layout, plan, env):
         default_slots = layout.workers_per_node or layout.gpus_per_node
         if default_slots:   # for hosts added to the file later without a count
             extra_env.append(f"HVDSCALE_SLOTS={default_slots}")
-    argv = ["env", *extra_env, *_horovodrun_exe(layout), "-np", str(plan.np)]
+    argv = ["env", *extra_env, _exe(layout), "-np", str(plan.np)]
     if layout.elastic:
         if layout.min_np is not None:
             argv += ["--min-np", str(layout.min_np)]
@@ -408,7 +369,7 @@ def _horovodrun(layout, plan, env):
     return argv + list(layout.launcher_args) + list(layout.command)
 
 
-def _srun(layout, plan, env):
+def srun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> List[str]:
     exports = [f"OMP_NUM_THREADS={plan.threads}"]
     if layout.network_interface and "NCCL_SOCKET_IFNAME" not in env:
         exports.append(f"NCCL_SOCKET_IFNAME={layout.network_interface}")

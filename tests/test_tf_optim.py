@@ -161,7 +161,7 @@ def test_keras_sgd_and_adamw_skip_weight_decay_on_excluded_variables(name):
 
 
 @pytest.mark.parametrize("call, needle", [
-    (lambda: build_optimizer("adagrad", 0.1, {}), "unknown optimizer 'adagrad'"),
+    (lambda: build_optimizer("adagrad", 0.1, {}), "optimizer.name: 'adagrad' is not one of sgd, lars, lamb, adamw"),
     (lambda: build_optimizer("lamb", 0.1, {"exclude": ["(bad"]}), "bad exclude pattern"),
     (lambda: LAMB(beta_2=1.0), "beta_2"),
     (lambda: LARS(momentum=-0.1), "momentum"),

@@ -111,21 +111,3 @@ def test_default_recipe_is_the_lamb_recipe():
     cfg = load_config()
     assert cfg.name == "fashion_mnist_lamb" and cfg.optimizer.name == "lamb"
     assert cfg.train.target_accuracy == 0.90
-
-
-def test_tensorboard_events_are_valid_tfrecords(tmp_path):
-    import struct
-    from tensorboard.compat.proto.event_pb2 import Event
-    from hvdscale.engine.tensorboard import EventWriter, crc32c
-    assert crc32c(b"123456789") == 0xE3069283            # the CRC-32C check value
-    writer = EventWriter(tmp_path)
-    writer.scalar("test_accuracy", 0.75, 12)
-    writer.close()
-    data, events = writer.path.read_bytes(), []
-    while data:
-        (length,) = struct.unpack("<Q", data[:8])
-        events.append(Event.FromString(data[12:12 + length]))
-        data = data[16 + length:]
-    assert events[0].file_version == "brain.Event:2"
-    assert events[1].step == 12 and events[1].summary.value[0].tag == "test_accuracy"
-    assert events[1].summary.value[0].simple_value == pytest.approx(0.75)

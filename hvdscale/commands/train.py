@@ -11,11 +11,18 @@ from hvdscale.config import DEFAULT_RECIPE, load_config
 from hvdscale.hardware import cpu_count, cpu_model
 from hvdscale.errors import ConfigError, NonFiniteLossError
 
+# Errors about these settings came from these flags (hvdscale.cli prefixes the flag).
+SETTING_FLAGS = {"checkpoint": "--resume"}
+
 # Variables by which MPI, Horovod's launchers and PMI tell a process how many ranks there are.
 WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
 def add_arguments(parser):
+    import argparse
+    from hvdscale.registry import help_text
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = help_text()
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE),
                         help="YAML recipe (default: pipelines/fashion_mnist_lamb.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

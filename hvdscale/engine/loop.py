@@ -22,6 +22,7 @@ from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.tensorboard import open_writer
 from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
 from hvdscale.errors import ConfigError
+from hvdscale.registry import OPTIMIZERS
 
 
 @dataclass
@@ -143,10 +144,7 @@ class Engine:
     def describe(self):
         c, k = self.cfg, self.comm.size
         opt = c.optimizer
-        detail = {"sgd": f"momentum {opt.momentum:g}", "lars": f"momentum {opt.momentum:g}, "
-                  f"trust {opt.trust_coefficient:g}",
-                  "lamb": f"betas {tuple(opt.betas)}, eps {opt.eps:g}",
-                  "adamw": f"betas {tuple(opt.betas)}, eps {opt.eps:g}"}[opt.name]
+        optimizer = OPTIMIZERS.get(opt.name).summary(opt.options())
         flags = [f for f, on in (("fp16 compression", c.horovod.fp16_compression),
                                  ("adasum", c.horovod.adasum)) if on]
         return "\n".join([
@@ -156,7 +154,7 @@ class Engine:
             f"  global batch {self.global_batch} = {k} workers x {c.batch.per_worker} x "
             f"{c.batch.accumulation} accumulation (reference batch {c.batch.reference})",
             f"  lr: base {self.lr.base_lr:g} -> scaled {self.lr.peak_lr:.6g}; {self.lr.description}",
-            f"  optimizer {opt.name} (weight decay {opt.weight_decay:g}, {detail})"
+            f"  optimizer {optimizer}"
             + (f"; horovod: {', '.join(flags)}" if flags else ""),
             f"  steps {self.total_steps} ({self.steps_per_epoch}/epoch), eval every "
             f"{self.eval_every or 'end'} steps, target accuracy {c.train.target_accuracy}",

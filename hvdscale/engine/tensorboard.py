@@ -1,75 +1,60 @@
-"""TensorBoard event files without TensorFlow.
+"""TensorBoard scalars through tensorboardX, which writes the event files without TensorFlow.
 
 torch.utils.tensorboard and tensorboard's own EventFileWriter import TensorFlow when it is
-installed (30 s and hundreds of MB per worker here), so scalars are written directly: the
-Event protos come from tensorboard's compiled protos, framed as TFRecords (length, masked
-CRC-32C of the length, data, masked CRC-32C of the data).
+installed (30 s and hundreds of MB per worker here); tensorboardX needs only protobuf. Rank 0
+writes OUT/tensorboard/events.out.tfevents.<time>.<host>.<pid>. tensorboardX's synchronous
+EventsWriter is used rather than SummaryWriter, whose background thread and queue would keep
+the last scalars from the file when a job is killed: here each scalar is on disk when
+`scalar()` returns.
 """
 import os
-import socket
-import struct
+import sys
 import time
 from pathlib import Path
+from typing import Optional, Union
 
 
-def _crc32c_table():
-    poly, table = 0x82F63B78, []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data):
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(crc):
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data):
-    length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", _masked(crc32c(length))) + data
-            + struct.pack("<I", _masked(crc32c(data))))
+def _import_tensorboardx():
+    """tensorboardX's package __init__ imports torch when it is installed, only to accept
+    torch tensors in add_* calls we do not use. In a TensorFlow worker that would load torch
+    (seconds and hundreds of MB), so torch is hidden from that one import unless it is
+    loaded already."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None          # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return summary, EventsWriter, Event
 
 
 class EventWriter:
-    """Scalars to LOGDIR/events.out.tfevents.<time>.<host>.<pid>; flushed after each write."""
+    """Scalars (tag, value, step) into one event file under `logdir`."""
 
-    def __init__(self, logdir):
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        self._Event, self._Summary = Event, Summary
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = logdir / name
-        self._fh = open(self.path, "wb")
-        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+    def __init__(self, logdir: Union[str, Path]):
+        summary, EventsWriter, Event = _import_tensorboardx()
+        self._summary, self._Event = summary, Event
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(self.logdir / "events"), filename_suffix=f".{os.getpid()}")
+        self.path = Path(self._writer._file_name)
 
-    def _write(self, event):
-        self._fh.write(tfrecord(event.SerializeToString()))
-        self._fh.flush()
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        event = self._Event(wall_time=time.time(), step=int(step),
+                            summary=self._summary.scalar(tag, float(value)))
+        self._writer.write_event(event)
+        self._writer.flush()
 
-    def scalar(self, tag, value, step):
-        summary = self._Summary(value=[self._Summary.Value(tag=tag, simple_value=float(value))])
-        self._write(self._Event(wall_time=time.time(), step=int(step), summary=summary))
-
-    def close(self):
-        self._fh.close()
+    def close(self) -> None:
+        self._writer.close()
 
 
-def open_writer(logdir):
-    """An EventWriter, or None when the tensorboard package is not installed."""
+def open_writer(logdir: Union[str, Path]) -> Optional[EventWriter]:
+    """An EventWriter, or None when tensorboardX is not installed."""
     try:
         return EventWriter(logdir)
     except ImportError:

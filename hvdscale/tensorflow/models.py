@@ -8,12 +8,16 @@ bottom/right for stride 2 and would sample different pixels than the torch build
 Everything is plain Keras layers and keras.ops, so the models run under tf.function and
 Horovod's DistributedGradientTape.
 """
+from typing import Any
+
 import keras
 from keras import layers, ops
 
 from hvdscale.core import model_zoo as zoo
+from hvdscale.errors import ConfigError
 
-__all__ = ["build_model", "residual_blocks", "BasicBlock", "Bottleneck", "MODEL_NAMES"]
+__all__ = ["build_model", "build_from_config", "check_model", "residual_blocks", "BasicBlock",
+           "Bottleneck", "MODEL_NAMES"]
 
 MODEL_NAMES = zoo.MODEL_NAMES
 
@@ -223,7 +227,8 @@ def residual_blocks(model):
     return [layer for layer in model.layers if isinstance(layer, (BasicBlock, Bottleneck))]
 
 
-def build_model(name, num_classes, in_channels, image_size, zero_init_residual=True):
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, *,
+                zero_init_residual: bool = True) -> keras.Model:
     """A keras.Model taking float NHWC images [N, image_size, image_size, in_channels] and
     returning logits [N, num_classes]. Unknown names or bad sizes raise ConfigError.
     Initialisation matches the torch build: He-normal (fan_out) convs, He-normal (fan_in)
@@ -240,3 +245,33 @@ def build_model(name, num_classes, in_channels, image_size, zero_init_residual=T
     else:
         outputs = _bottleneck_resnet(spec, num_classes, inputs, zero_init_residual)
     return keras.Model(inputs, outputs, name=name)
+
+
+def build_from_config(cfg: Any) -> keras.Model:
+    """The zoo model the recipe names (the registry's Keras builder for built-in models)."""
+    return build_model(cfg.model.name, cfg.data.num_classes, cfg.in_channels,
+                       cfg.data.image_size, zero_init_residual=cfg.model.zero_init_residual)
+
+
+def check_model(model: Any, cfg: Any, where: str) -> keras.Model:
+    """What a user's factory returned, checked: a keras.Model with trainable variables whose
+    output on a batch of the recipe's images [2, H, W, C] is logits [2, num_classes]."""
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"{where}: returned {type(model).__name__}, expected a keras.Model "
+                          "(the recipe's framework is tensorflow)")
+    shape = (2, cfg.data.image_size, cfg.data.image_size, cfg.in_channels)
+    try:
+        out = model(ops.zeros(shape), training=False)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward pass
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(f"{where}: the model fails on images of shape {list(shape)} "
+                          f"(NHWC from data.image_size/data.channels): "
+                          f"{type(err).__name__}: {first}") from None
+    if not model.trainable_variables:
+        raise ConfigError(f"{where}: the model has no trainable variables")
+    got = tuple(getattr(out, "shape", ()) or ())
+    if got != (2, cfg.data.num_classes):
+        shown = list(got) if hasattr(out, "shape") else type(out).__name__
+        raise ConfigError(f"{where}: the model returns {shown} for a batch of 2, expected "
+                          f"logits [2, {cfg.data.num_classes}] (data.num_classes)")
+    return model

@@ -9,6 +9,7 @@ Weight decay is part of the update (coupled, as in the papers): the base class's
 `weight_decay` stays off.
 """
 import math
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -208,46 +209,68 @@ class AdamW(_ExcludingMixin, keras.optimizers.AdamW):
 
 
 def _getter(cfg):
+    """`get(key)` over the recipe's optimizer section: a dict, an object, or None."""
     if cfg is None:
-        return lambda key, default: default
-    if isinstance(cfg, dict):
-        return lambda key, default: default if cfg.get(key) is None else cfg.get(key)
-    return lambda key, default: default if getattr(cfg, key, None) is None else getattr(cfg, key)
+        return lambda key: None
+    if isinstance(cfg, Mapping):
+        return cfg.get
+    return lambda key: getattr(cfg, key, None)
 
 
-OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
+# --------------------------------------------------------------------------- the builders
+# One per registry entry (hvdscale/registry.py), called with Keras's own keywords; the values
+# are already resolved and checked against hvdscale.core.optimizers. sgd/adamw use Keras's
+# decoupled weight decay.
+
+LearningRate = Union[float, "keras.optimizers.schedules.LearningRateSchedule"]
 
 
-def build_optimizer(name, learning_rate, cfg_optimizer=None):
-    """The Keras optimizer `name` (sgd | lars | lamb | adamw); `learning_rate` is a float or a
-    keras LearningRateSchedule (e.g. hvdscale.tensorflow.schedule.CoreSchedule). The recipe's
-    optimizer section (dict or object) gives momentum, betas, eps, weight_decay,
-    trust_coefficient, exclude_1d, exclude, and optionally nesterov, bias_correction,
-    clamp_value, max_trust_ratio. sgd/adamw use Keras's decoupled weight decay."""
+def build_sgd(*, learning_rate: LearningRate, momentum: float, nesterov: bool,
+              weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> "SGD":
+    return SGD(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+               weight_decay=weight_decay or None, exclude_1d=exclude_1d, exclude=exclude)
+
+
+def build_adamw(*, learning_rate: LearningRate, beta_1: float, beta_2: float, epsilon: float,
+                weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> "AdamW":
+    return AdamW(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                 weight_decay=weight_decay, exclude_1d=exclude_1d, exclude=exclude)
+
+
+def build_lars(*, learning_rate: LearningRate, momentum: float, weight_decay: float,
+               trust_coefficient: float, epsilon: float, exclude_1d: bool,
+               exclude: Sequence[str]) -> LARS:
+    return LARS(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient, epsilon=epsilon, exclude_1d=exclude_1d,
+                exclude=exclude)
+
+
+def build_lamb(*, learning_rate: LearningRate, beta_1: float, beta_2: float, epsilon: float,
+               weight_decay: float, bias_correction: bool, clamp_value: Optional[float],
+               max_trust_ratio: Optional[float], exclude_1d: bool,
+               exclude: Sequence[str]) -> LAMB:
+    return LAMB(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                weight_decay=weight_decay, bias_correction=bias_correction,
+                clamp_value=clamp_value, max_trust_ratio=max_trust_ratio,
+                exclude_1d=exclude_1d, exclude=exclude)
+
+
+def build_optimizer(name: str, learning_rate: LearningRate,
+                    cfg_optimizer: Any = None) -> "keras.optimizers.Optimizer":
+    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, lars, lamb, adamw,
+    or one you registered) as a Keras optimizer; `learning_rate` is a float or a keras
+    LearningRateSchedule (e.g. hvdscale.tensorflow.schedule.CoreSchedule). Options come from
+    `cfg_optimizer` (the recipe's optimizer section, a dict or an object, recipe keys); unset
+    ones take hvdscale.core.optimizers' defaults, and each is passed to the builder under
+    Keras's own keyword (epsilon, beta_1/beta_2, ...)."""
+    from hvdscale.core.optimizers import native_kwargs
+    from hvdscale.registry import OPTIMIZERS
+
+    info = OPTIMIZERS.get(str(name).lower())
     get = _getter(cfg_optimizer)
-    name = str(name).lower()
-    exclude_1d, exclude = bool(get("exclude_1d", True)), tuple(get("exclude", ()))
+    exclude_1d = bool(True if get("exclude_1d") is None else get("exclude_1d"))
+    exclude = tuple(get("exclude") or ())
     ExclusionRule(exclude_1d, exclude)  # bad regexes fail here, before any training
-    if name == "sgd":
-        wd = _finite(get("weight_decay", 0.0), "weight_decay")
-        return SGD(learning_rate=learning_rate, momentum=_finite(get("momentum", 0.9), "momentum", high=1.0),
-                   nesterov=bool(get("nesterov", False)), weight_decay=wd or None,
-                   exclude_1d=exclude_1d, exclude=exclude)
-    if name == "adamw":
-        b1, b2 = get("betas", (0.9, 0.999))
-        return AdamW(learning_rate=learning_rate, beta_1=_finite(b1, "betas[0]", 1.0),
-                     beta_2=_finite(b2, "betas[1]", 1.0), epsilon=_finite(get("eps", 1e-7), "eps"),
-                     weight_decay=_finite(get("weight_decay", 0.004), "weight_decay"),
-                     exclude_1d=exclude_1d, exclude=exclude)
-    if name == "lars":
-        return LARS(learning_rate=learning_rate, momentum=get("momentum", 0.9),
-                    weight_decay=get("weight_decay", 0.0), trust_coefficient=get("trust_coefficient", 0.001),
-                    epsilon=get("eps", 1e-8), exclude_1d=exclude_1d, exclude=exclude)
-    if name == "lamb":
-        betas = get("betas", (0.9, 0.999))
-        _check(len(betas) == 2, f"betas must be a pair, got {betas!r}")
-        return LAMB(learning_rate=learning_rate, beta_1=betas[0], beta_2=betas[1], epsilon=get("eps", 1e-6),
-                    weight_decay=get("weight_decay", 0.01), bias_correction=get("bias_correction", True),
-                    clamp_value=get("clamp_value", None), max_trust_ratio=get("max_trust_ratio", None),
-                    exclude_1d=exclude_1d, exclude=exclude)
-    raise ConfigError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    options = native_kwargs("tensorflow", info.resolve_options(get))
+    return info.builder("tensorflow")(learning_rate=learning_rate, exclude_1d=exclude_1d,
+                                      exclude=exclude, **options)

@@ -5,13 +5,17 @@ match the Keras layer names (`layer1_0.conv1.weight` <-> `layer1_0/conv1/kernel`
 flattens in (H, W, C) order as Keras does, so weights move between frameworks by transposing
 kernels only.
 """
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hvdscale.core import model_zoo as zoo
+from hvdscale.errors import ConfigError
 
-__all__ = ["build_model", "residual_blocks", "BasicBlock", "Bottleneck", "MODEL_NAMES"]
+__all__ = ["build_model", "build_from_config", "check_model", "residual_blocks", "BasicBlock",
+           "Bottleneck", "MODEL_NAMES"]
 
 MODEL_NAMES = zoo.MODEL_NAMES
 
@@ -187,7 +191,8 @@ def _initialize(model, zero_init_residual):
             nn.init.zeros_(block.last_bn.weight)
 
 
-def build_model(name, num_classes, in_channels, image_size, zero_init_residual=True):
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, *,
+                zero_init_residual: bool = True) -> nn.Module:
     """An nn.Module taking float NCHW images [N, in_channels, image_size, image_size] and
     returning logits [N, num_classes]. Unknown names or bad sizes raise ConfigError."""
     spec = zoo.check_model_args(name, num_classes, in_channels, image_size)
@@ -200,4 +205,38 @@ def build_model(name, num_classes, in_channels, image_size, zero_init_residual=T
     else:
         model = BottleneckResNet(spec, num_classes, in_channels)
     _initialize(model, zero_init_residual)
+    return model
+
+
+def build_from_config(cfg: Any) -> nn.Module:
+    """The zoo model the recipe names (the registry's torch builder for built-in models)."""
+    return build_model(cfg.model.name, cfg.data.num_classes, cfg.in_channels,
+                       cfg.data.image_size, zero_init_residual=cfg.model.zero_init_residual)
+
+
+def check_model(model: Any, cfg: Any, where: str) -> nn.Module:
+    """What a user's factory returned, checked: an nn.Module with trainable parameters whose
+    output on a batch of the recipe's images [2, C, H, W] is logits [2, num_classes]."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}: returned {type(model).__name__}, expected a "
+                          "torch.nn.Module (the recipe's framework is torch)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{where}: the model has no trainable parameters")
+    shape = (2, cfg.in_channels, cfg.data.image_size, cfg.data.image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward pass
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(f"{where}: the model fails on images of shape {list(shape)} "
+                          f"(NCHW from data.channels/data.image_size): "
+                          f"{type(err).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, cfg.data.num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{where}: the model returns {got} for a batch of 2, expected "
+                          f"logits [2, {cfg.data.num_classes}] (data.num_classes)")
     return model

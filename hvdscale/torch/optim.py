@@ -18,6 +18,7 @@ Parameters are excluded from weight decay and from the trust ratio by hvdscale.c
 (1-D by default, plus name regexes when the optimizer gets named parameters).
 """
 import math
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -58,14 +59,14 @@ class _LayerwiseOptimizer(Optimizer):
         index = {id(p): i for i, p in enumerate(group["params"])}
         return [rule(names[index[id(p)]] if names else None, p.ndim) for p in params]
 
-    @staticmethod
-    def _with_grads(group):
+    def _with_grads(self, group):
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(f"{type(group).__name__}: sparse gradients are not supported")
+                raise RuntimeError(f"{type(self).__name__}: sparse gradients are not supported "
+                                   f"(param group {self.param_groups.index(group)})")
             params.append(p)
             grads.append(p.grad)
         return params, grads
@@ -291,11 +292,12 @@ class LAMB(_LayerwiseOptimizer):
 
 
 def _getter(cfg):
+    """`get(key)` over the recipe's optimizer section: a dict, an object, or None."""
     if cfg is None:
-        return lambda key, default: default
-    if isinstance(cfg, dict):
-        return lambda key, default: default if cfg.get(key) is None else cfg.get(key)
-    return lambda key, default: default if getattr(cfg, key, None) is None else getattr(cfg, key)
+        return lambda key: None
+    if isinstance(cfg, Mapping):
+        return cfg.get
+    return lambda key: getattr(cfg, key, None)
 
 
 def _named_parameters(model):
@@ -307,7 +309,9 @@ def _named_parameters(model):
     return [(n, p) for n, p in named if p.requires_grad]
 
 
-def split_for_weight_decay(named_params, weight_decay, exclude_1d=True, exclude=()):
+def split_for_weight_decay(named_params: Sequence[Tuple[Optional[str], torch.Tensor]],
+                           weight_decay: float, exclude_1d: bool = True,
+                           exclude: Sequence[str] = ()) -> List[dict]:
     """Two torch param groups: decayed parameters and excluded ones (weight_decay 0)."""
     rule = ExclusionRule(exclude_1d, exclude)
     decay, skip = [], []
@@ -319,39 +323,66 @@ def split_for_weight_decay(named_params, weight_decay, exclude_1d=True, exclude=
     return [g for g in groups if g["params"]]
 
 
-OPTIMIZERS = ("sgd", "lars", "lamb", "adamw")
+# --------------------------------------------------------------------------- the builders
+# One per registry entry (hvdscale/registry.py), called with torch's own keywords; the values
+# are already resolved and checked against hvdscale.core.optimizers.
+
+NamedParams = List[Tuple[Optional[str], torch.Tensor]]
 
 
-def build_optimizer(name, model, lr, cfg_optimizer=None):
-    """The optimizer `name` (sgd | lars | lamb | adamw) for `model` (a module, named_parameters
-    or parameters) at learning rate `lr`; the rest comes from the recipe's optimizer section
-    (dict or object: momentum, betas, eps, weight_decay, trust_coefficient, exclude_1d, exclude,
-    and optionally nesterov, bias_correction, clamp_value, max_trust_ratio)."""
+def _names_or_tensors(named: NamedParams):
+    return named if all(n is not None for n, _ in named) else [p for _, p in named]
+
+
+def build_sgd(named: NamedParams, *, lr: float, momentum: float, nesterov: bool,
+              weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> torch.optim.SGD:
+    return torch.optim.SGD(split_for_weight_decay(named, weight_decay, exclude_1d, exclude),
+                           lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def build_adamw(named: NamedParams, *, lr: float, betas: Tuple[float, float], eps: float,
+                weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(split_for_weight_decay(named, weight_decay, exclude_1d, exclude),
+                             lr=lr, betas=tuple(betas), eps=eps)
+
+
+def build_lars(named: NamedParams, *, lr: float, momentum: float, weight_decay: float,
+               trust_coefficient: float, eps: float, exclude_1d: bool,
+               exclude: Sequence[str]) -> LARS:
+    return LARS(_names_or_tensors(named), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
+                exclude=exclude)
+
+
+def build_lamb(named: NamedParams, *, lr: float, betas: Tuple[float, float], eps: float,
+               weight_decay: float, bias_correction: bool, clamp_value: Optional[float],
+               max_trust_ratio: Optional[float], exclude_1d: bool,
+               exclude: Sequence[str]) -> LAMB:
+    return LAMB(_names_or_tensors(named), lr=lr, betas=tuple(betas), eps=eps,
+                weight_decay=weight_decay, bias_correction=bias_correction,
+                clamp_value=clamp_value, max_trust_ratio=max_trust_ratio,
+                exclude_1d=exclude_1d, exclude=exclude)
+
+
+def build_optimizer(name: str, model: Any, lr: float, cfg_optimizer: Any = None) -> Optimizer:
+    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, lars, lamb, adamw,
+    or one you registered) for `model` (a module, named_parameters() or parameters()) at
+    learning rate `lr`. Options come from `cfg_optimizer` (the recipe's optimizer section, a
+    dict or an object, recipe keys); unset ones take hvdscale.core.optimizers' defaults, and
+    each is passed to the builder under torch's own keyword (eps, betas, ...)."""
+    from hvdscale.core.optimizers import native_kwargs
+    from hvdscale.registry import OPTIMIZERS
+
+    info = OPTIMIZERS.get(str(name).lower())
     get = _getter(cfg_optimizer)
-    name = str(name).lower()
     named = _named_parameters(model)
     _check(bool(named), "the model has no trainable parameters")
-    exclude_1d, exclude = bool(get("exclude_1d", True)), tuple(get("exclude", ()))
-    names = [n for n, _ in named]
-    if exclude and any(n is None for n in names):
-        raise ConfigError("exclude patterns need parameter names: pass the model or named_parameters()")
-    if name == "sgd":
-        wd = _finite(get("weight_decay", 0.0), "weight_decay")
-        return torch.optim.SGD(split_for_weight_decay(named, wd, exclude_1d, exclude), lr=_finite(lr, "lr"),
-                               momentum=_finite(get("momentum", 0.9), "momentum", high=1.0, high_open=True),
-                               nesterov=bool(get("nesterov", False)))
-    if name == "adamw":
-        wd = _finite(get("weight_decay", 0.01), "weight_decay")
-        return torch.optim.AdamW(split_for_weight_decay(named, wd, exclude_1d, exclude), lr=_finite(lr, "lr"),
-                                 betas=tuple(get("betas", (0.9, 0.999))), eps=_finite(get("eps", 1e-8), "eps"))
-    params = named if all(n is not None for n in names) else [p for _, p in named]
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=get("momentum", 0.9), weight_decay=get("weight_decay", 0.0),
-                    trust_coefficient=get("trust_coefficient", 0.001), eps=get("eps", 1e-8),
-                    exclude_1d=exclude_1d, exclude=exclude)
-    if name == "lamb":
-        return LAMB(params, lr=lr, betas=tuple(get("betas", (0.9, 0.999))), eps=get("eps", 1e-6),
-                    weight_decay=get("weight_decay", 0.01), bias_correction=get("bias_correction", True),
-                    clamp_value=get("clamp_value", None), max_trust_ratio=get("max_trust_ratio", None),
-                    exclude_1d=exclude_1d, exclude=exclude)
-    raise ConfigError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    exclude_1d = bool(True if get("exclude_1d") is None else get("exclude_1d"))
+    exclude = tuple(get("exclude") or ())
+    ExclusionRule(exclude_1d, exclude)  # bad regexes fail here, before any training
+    if exclude and any(n is None for n, _ in named):
+        raise ConfigError("optimizer.exclude: patterns need parameter names: pass the model "
+                          "or named_parameters()")
+    options = native_kwargs("torch", info.resolve_options(get))
+    return info.builder("torch")(named, lr=_finite(lr, "optimizer.base_lr"),
+                                 exclude_1d=exclude_1d, exclude=exclude, **options)
