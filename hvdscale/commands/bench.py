@@ -50,18 +50,24 @@ def synthetic_batches(cfg, rank, count=2):
     x, y = synthetic_arrays(count * per_step, cfg.data.image_size, cfg.in_channels,
                             cfg.data.num_classes, seed=cfg.train.seed + rank)
     x = normalise(x, 127.5, 73.9)
+    if cfg.framework == "torch":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))     # torch takes NCHW
     return [(x[i * per_step:(i + 1) * per_step], y[i * per_step:(i + 1) * per_step])
             for i in range(count)]
 
 
 def measure(trainer, batches, comm, lr, steps, warmup_steps):
-    """Seconds for `steps` timed steps, as seen by the slowest rank."""
+    """Seconds for `steps` timed steps, as seen by the slowest rank (the batches are put on
+    the device first; the statistics read at the end waits for the device)."""
+    batches = list(trainer.device_batches(batches))
     for i in range(warmup_steps):
-        trainer.train_step(*batches[i % len(batches)], lr)
+        trainer.train_step(batches[i % len(batches)], lr)
+    trainer.read_stats()
     comm.barrier()
     t0 = time.perf_counter()
     for i in range(steps):
-        trainer.train_step(*batches[i % len(batches)], lr)
+        trainer.train_step(batches[i % len(batches)], lr)
+    trainer.read_stats()
     elapsed = time.perf_counter() - t0
     return comm.allreduce(elapsed, op="max")
 

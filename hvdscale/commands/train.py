@@ -82,9 +82,6 @@ def hardware_name(device, workers):
 
 def check_supported(cfg):
     """Recipe features that validate but that this engine does not run yet."""
-    if cfg.faults.nonfinite == "skip" and cfg.framework != "torch":
-        raise ConfigError(f"faults.nonfinite: skip is implemented for torch only, not "
-                          f"{cfg.framework} (use abort)")
     if cfg.faults.nonfinite == "skip" and cfg.horovod.adasum:
         raise ConfigError("faults.nonfinite: skip cannot be combined with horovod.adasum "
                           "(Adasum has no separate synchronize step to check before)")

@@ -84,7 +84,8 @@ def _array_batches(cfg: Any, rank: int, size: int, train: Any, test: Any) -> Tup
 def array_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
     """fashion_mnist and synthetic: NumPy arrays in memory."""
     from hvdscale.data.arrays import load_arrays
-    train, test = load_arrays(cfg.data, seed=cfg.train.seed)
+    layout = "NCHW" if cfg.framework == "torch" else "NHWC"     # transposed once, here
+    train, test = load_arrays(cfg.data, seed=cfg.train.seed, layout=layout)
     return _array_batches(cfg, rank, size, train, test)
 
 

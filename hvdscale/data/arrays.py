@@ -1,8 +1,11 @@
 """In-memory data sets as NumPy arrays and the per-rank batches the trainers consume.
 
-Images are float32, normalised, channels-last [N, H, W, C]; the PyTorch trainer transposes to
-NCHW. The order of training batches is a pure function of (seed, epoch, rank, size), so a
-resumed run reads exactly the batches an uninterrupted one would have read.
+Images are float32 and normalised, stored in the layout of the backend that reads them:
+channels-last [N, H, W, C] for TensorFlow, channels-first [N, C, H, W] for PyTorch. The
+transposition happens once, when the data set is loaded, never per batch. The backends turn
+these NumPy batches into framework tensors on their device (`device_batches`). The order of
+training batches is a pure function of (seed, epoch, rank, size), so a resumed run reads
+exactly the batches an uninterrupted one would have read.
 """
 from dataclasses import dataclass
 
@@ -14,13 +17,26 @@ from hvdscale.errors import ConfigError, DataError
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 4096, 1024
 
 
+LAYOUTS = ("NHWC", "NCHW")
+
+
 @dataclass
 class ArrayDataset:
-    x: np.ndarray       # float32 [N, H, W, C]
+    x: np.ndarray       # float32 [N, H, W, C] or [N, C, H, W] (see `layout`)
     y: np.ndarray       # int64 [N]
+    layout: str = "NHWC"
 
     def __len__(self):
         return len(self.y)
+
+    def to_layout(self, layout):
+        """The same data set in `layout`, transposed once into a contiguous array."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if layout == self.layout:
+            return self
+        axes = (0, 3, 1, 2) if layout == "NCHW" else (0, 2, 3, 1)
+        return ArrayDataset(np.ascontiguousarray(self.x.transpose(axes)), self.y, layout)
 
 
 def normalise(images, mean, std):
@@ -31,8 +47,13 @@ def normalise(images, mean, std):
     return (x - np.float32(mean)) / np.float32(std)
 
 
-def load_arrays(data_cfg, seed=0):
-    """(train, test) ArrayDatasets for data.kind fashion_mnist or synthetic."""
+def load_arrays(data_cfg, seed=0, layout="NHWC"):
+    """(train, test) ArrayDatasets for data.kind fashion_mnist or synthetic, in `layout`."""
+    train, test = _load_nhwc(data_cfg, seed)
+    return train.to_layout(layout), test.to_layout(layout)
+
+
+def _load_nhwc(data_cfg, seed):
     if data_cfg.kind == "fashion_mnist":
         from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
         x_train, y_train, x_test, y_test = load_fashion_mnist(data_cfg.path)

@@ -209,6 +209,7 @@ class DaliLoader:
         self.steps_per_epoch, self.num_samples = steps_per_epoch, num_samples
         self.batch_size, self.fp16 = batch_size, fp16
         self.layout = "NCHW" if framework == "torch" else "NHWC"     # numpy: NHWC
+        self.channels_last = False    # torch: HWC from DALI, handed out as an NCHW view
         self._uses_reader = uses_reader
         self._iterator = None
         self._files = None            # set for folder pipelines, to name a file DALI cannot read
@@ -241,6 +242,8 @@ class DaliLoader:
             if len(labels) == 0:      # padding-only batch on a rank with the smaller shard
                 continue
             count += 1
+            if self.channels_last:    # NCHW shape, NHWC memory (torch.channels_last): no copy
+                images = images.permute(0, 3, 1, 2)
             yield images, labels.reshape(-1).long()
         if count != self.steps_per_epoch:
             raise DataError(f"DALI gave {count} batches in an epoch, expected "
@@ -356,10 +359,12 @@ def build_eval_loader(cfg_data, framework, batch_size, rank=0, size=1, seed=0, *
 
 
 def _build(cfg_data, framework, batch_size, rank, size, seed, train, num_threads=1, local_rank=0,
-           fp16=False, augment=None, tf_backend="auto", check="markers", check_threads=1):
+           fp16=False, augment=None, tf_backend="auto", check="markers", check_threads=1,
+           channels_last=False):
     """Options: num_threads (DALI CPU threads), local_rank (GPU for mixed decoding), fp16,
     augment (an Augment), tf_backend (auto | dali | tfdata), check (imagefolder file check
-    when skip_corrupt is off: name | markers | decode)."""
+    when skip_corrupt is off: name | markers | decode), channels_last (torch: NCHW-shaped
+    tensors in NHWC memory, what channels_last convolutions read)."""
     _check_framework(framework)
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, not {batch_size}")
@@ -370,14 +375,18 @@ def _build(cfg_data, framework, batch_size, rank, size, seed, train, num_threads
     kind = _cfg(cfg_data, "kind", "imagefolder")
     decode = decode_device(_cfg(cfg_data, "decode", "auto"))
     if kind == "imagefolder":
-        return _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode,
-                              num_threads, local_rank, fp16, augment, tf_backend, check,
-                              check_threads)
-    if kind in ("fashion_mnist", "synthetic"):
-        return _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode,
-                             num_threads, local_rank, fp16, augment)
-    raise ConfigError(f"data.kind {kind!r} has no DALI pipeline "
-                      f"(imagefolder, fashion_mnist or synthetic)")
+        loader = _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train,
+                                decode, num_threads, local_rank, fp16, augment, tf_backend,
+                                check, check_threads, channels_last)
+    elif kind in ("fashion_mnist", "synthetic"):
+        loader = _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode,
+                               num_threads, local_rank, fp16, augment, channels_last)
+    else:
+        raise ConfigError(f"data.kind {kind!r} has no DALI pipeline "
+                          f"(imagefolder, fashion_mnist or synthetic)")
+    if isinstance(loader, DaliLoader):
+        loader.channels_last = channels_last and framework == "torch"
+    return loader
 
 
 def list_split(cfg_data, train, check="markers", threads=1):
@@ -404,7 +413,8 @@ def list_split(cfg_data, train, check="markers", threads=1):
 
 
 def _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode, num_threads,
-                   local_rank, fp16, augment, tf_backend, check, check_threads):
+                   local_rank, fp16, augment, tf_backend, check, check_threads,
+                   channels_last=False):
     listing = list_split(cfg_data, train, check, check_threads)
     n = len(listing)
     if train:
@@ -430,7 +440,7 @@ def _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train, dec
                               seed, num_threads, fp16, channels)
         loader.skipped, loader.num_examples = listing.skipped, n
         return loader
-    layout = "CHW" if framework == "torch" else "HWC"
+    layout = "CHW" if framework == "torch" and not channels_last else "HWC"
     device_id = local_rank if decode == "mixed" else None
     pipe = _pipeline(_folder_graph, batch_size, num_threads, device_id, seed + rank,
                      files=files, labels=[int(v) for v in labels], shard_id=rank,
@@ -461,7 +471,7 @@ def _tf_backend(choice, decode):
 
 
 def _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode, num_threads,
-                  local_rank, fp16, augment):
+                  local_rank, fp16, augment, channels_last=False):
     if cfg_data.kind == "fashion_mnist":
         from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
         x_train, y_train, x_test, y_test = load_fashion_mnist(_cfg(cfg_data, "path"))
@@ -484,7 +494,7 @@ def _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, deco
                         f"{batch_size} on each of {size} workers")
     channels = source.x.shape[-1]
     spec = augment or Augment.default(cfg_data.image_size, channels, mean, std)
-    layout = "CHW" if framework == "torch" else "HWC"
+    layout = "CHW" if framework == "torch" and not channels_last else "HWC"
     on_gpu = decode == "mixed"
     pipe = _pipeline(_array_graph, batch_size, num_threads, local_rank if on_gpu else None,
                      seed + rank, source=source, train=train, spec=spec, layout=layout, fp16=fp16,
@@ -501,7 +511,9 @@ def _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, deco
 
 class EngineTrainSource:
     """The engine's training-source protocol over a DALI loader: num_examples,
-    steps_per_epoch and epoch(epoch, start) -> NHWC float32 / int64 NumPy batches.
+    steps_per_epoch and epoch(epoch, start) -> (images, labels) batches in the backend's
+    layout: torch tensors from DALI's torch iterator (on the GPU with mixed decoding), TF
+    tensors from DALI's TF dataset, or NHWC NumPy batches for TensorFlow without the plugin.
 
     DALI's reader keeps its own epoch count, so epochs must be asked for in order; a resumed
     run (start > 0, or a later epoch first) gets DALI's next epoch, with `start` batches
@@ -530,19 +542,34 @@ class EngineEvalSource:
         return iter(self.loader)
 
 
+def engine_output(framework, plugin_problem=None):
+    """What DALI hands the engine's backend for `framework`: "torch" (DALI's torch iterator:
+    NCHW tensors, CUDA ones with mixed decoding, used by the trainer as they are),
+    "tensorflow" (DALI's TF dataset, placed on /gpu:N with mixed decoding) when the TF plugin
+    works, else "numpy" (NHWC host batches that the TF backend prefetches through tf.data)."""
+    if framework == "torch":
+        return "torch"
+    problem = tf_plugin_problem() if plugin_problem is None else plugin_problem
+    return "tensorflow" if not problem else "numpy"
+
+
 def build_sources(cfg, rank, size, eval_batch=500):
     """(train source, eval source) for `hvdscale train` with data.kind imagefolder.
 
     DALI threads: train.threads, else this node's cores shared among the ranks (one node
-    assumed). Decoding follows data.decode; with mixed decoding the batches still come back
-    to the host, because the engine's backends take NumPy batches."""
+    assumed). Decoding follows data.decode; with mixed decoding the images stay on the GPU
+    (see engine_output)."""
     import os
 
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // size)
     local = rank % max(1, gpu_count())
     per_step = cfg.batch.per_worker * cfg.batch.accumulation
-    common = dict(num_threads=threads, local_rank=local)
-    train = build_train_loader(cfg.data, "numpy", per_step, rank, size, cfg.train.seed, **common)
-    evaluate = build_eval_loader(cfg.data, "numpy", max(eval_batch, cfg.batch.per_worker), rank,
+    # the torch trainer runs convolutions channels_last on CUDA: let DALI write NHWC there
+    on_gpu = decode_device(cfg.data.decode) == "mixed"
+    common = dict(num_threads=threads, local_rank=local, channels_last=on_gpu,
+                  tf_backend="dali" if cfg.framework == "tensorflow" else "auto")
+    output = engine_output(cfg.framework)
+    train = build_train_loader(cfg.data, output, per_step, rank, size, cfg.train.seed, **common)
+    evaluate = build_eval_loader(cfg.data, output, max(eval_batch, cfg.batch.per_worker), rank,
                                  size, cfg.train.seed, **common)
     return EngineTrainSource(train), EngineEvalSource(evaluate)

@@ -29,7 +29,7 @@ class NonFiniteGuard:
     """Decides, identically on every rank, whether this step's update may be applied."""
 
     def __init__(self, policy, comm, echo=print):
-        if policy not in ("abort", "skip"):
+        if policy not in ("abort", "skip", "off"):
             raise ValueError(f"unknown non-finite policy {policy!r}")
         self.policy, self.comm, self.echo = policy, comm, echo
         self.skipped = 0
@@ -47,6 +47,22 @@ class NonFiniteGuard:
         self.echo(f"step {step}: non-finite loss or gradient, update skipped on every rank "
                   f"({self.skipped} skipped so far)")
         return False
+
+
+    def account(self, first_step, count):
+        """Apply the policy to `count` non-finite steps (the first at `first_step`) that the
+        backend reported and the ranks agreed on: abort raises, skip counts and reports
+        (the backend has already dropped those updates on every rank)."""
+        if self.policy == "abort":
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {first_step} "
+                                     f"(faults.nonfinite = abort)")
+        if self.policy != "skip":
+            return
+        self.skipped += count
+        where = f"step {first_step}" if count == 1 else \
+            f"{count} steps from step {first_step}"
+        self.echo(f"{where}: non-finite loss or gradient, update skipped on every rank "
+                  f"({self.skipped} skipped so far)")
 
 
 def poison_batch(x):

@@ -1,14 +1,18 @@
 """The training loop both frameworks share.
 
-    for each step: lr = schedule(step) -> backend.train_step -> after_step checks
+    for each step: lr = schedule(step) -> backend.train_step(device batch)
+                   -> every log.every_steps: read the step statistics (one host read)
                    -> evaluate / checkpoint when due -> stop at max steps or at the target
 
-Timing covers only the training steps (evaluation and checkpoints are excluded), and the first
-step of a session is left out of throughput because it carries graph tracing and allocation.
+A step leaves its loss and non-finite flag on the device; the engine reads them at the log
+interval and before every evaluation and checkpoint, so no checkpoint is written without the
+steps before it having been checked. Timing covers the training steps and the statistics
+reads (on a GPU the read is where the host waits for the queued steps); evaluation and
+checkpoints are excluded, and the first step of a session is left out of throughput because
+it carries graph tracing and allocation.
 Every decision that changes control flow (stop, abort) is taken from values that are equal on
 all ranks (allreduced), so ranks never disagree and hang in a collective.
 """
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ import numpy as np
 
 from hvdscale.core.metrics import TargetTracker, scaling_efficiency
 from hvdscale.engine.checkpoint import CheckpointStore
-from hvdscale.engine.faults import NonFiniteGuard, Watchdog, poison_batch
+from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.tensorboard import open_writer
 from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
@@ -81,17 +85,16 @@ class Engine:
         self.timed_time = 0.0        # this session, first step excluded (throughput)
         self.timed_steps = 0
         self.last_accuracy = None
-        self._loss_sum, self._loss_n = 0.0, 0
+        self._loss_sum, self._loss_n = 0.0, 0     # since the last evaluation (host values)
+        self._unread = 0             # steps whose statistics are still on the device
+        self._shown_loss = None      # mean loss of the last read (progress bar)
+        self.log_every = cfg.log.every_steps
         self._session_steps = 0
         self.last_checkpoint_step = None
-        # non-finite loss/gradient policy; a backend with an `update_guard` slot asks it
-        # between backward and the update (so `skip` can drop the update), otherwise the
-        # engine checks the loss after the step (abort only)
+        # non-finite loss/gradient policy: the backend decides `skip` itself from the averaged
+        # gradients (equal on every rank); the engine counts it and applies `abort` when it
+        # reads the statistics
         self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
-        self._guarded = hasattr(backend, "update_guard")
-        if self._guarded:
-            backend.update_guard = lambda loss, grads_finite: \
-                self.nonfinite.check(self.step, loss, grads_finite)
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
 
@@ -195,8 +198,8 @@ class Engine:
         "done" | "target" | "paused"."""
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
-            for x, y in self.batches.epoch(epoch, start):
-                loss = self._train_one(x, y)
+            for batch in self.backend.device_batches(self.batches.epoch(epoch, start)):
+                loss = self._train_one(batch)
                 bar.update(loss, self.lr.schedule(self.step - 1))
                 ending = None
                 if self.step >= self.total_steps:
@@ -224,39 +227,60 @@ class Engine:
                     return ending
         return "done"
 
-    def _train_one(self, x, y):
+    def _train_one(self, batch):
+        """One step; returns the mean loss of the last statistics read (None before one)."""
         lr = self.lr.schedule(self.step)
         f = self.cfg.faults
         if self.step == f.inject_nan_at_step and self.comm.rank == f.inject_nan_rank:
-            x = poison_batch(x)
+            batch = self.backend.poisoned(batch)
         t0 = time.perf_counter()
-        loss = self.backend.train_step(x, y, lr)
-        elapsed = time.perf_counter() - t0
-        self.after_step(loss)
+        self.backend.train_step(batch, lr)
+        self._clock(time.perf_counter() - t0, step=True)
+        self._session_steps += 1
+        self.step += 1
+        self._unread += 1
+        if self.step % self.log_every == 0:
+            self._collect_stats()
+        return self._shown_loss
+
+    def _clock(self, elapsed, step=False):
         self.train_time += elapsed
         if self._session_steps > 0:      # the session's first step is warm-up: not timed
             self.timed_time += elapsed
-            self.timed_steps += 1
-        self._session_steps += 1
-        self.step += 1
-        if math.isfinite(loss):      # a skipped step's NaN would poison the logged mean
-            self._loss_sum += loss
-            self._loss_n += 1
-        return loss
+            self.timed_steps += step
 
-    def after_step(self, loss):
-        """Hook after each optimizer step. A guarded backend has already had its update
-        checked (NonFiniteGuard, agreed across ranks); otherwise the loss is checked here,
-        after the update, which is only right for faults.nonfinite = abort."""
-        if not self._guarded:
-            self.nonfinite.check(self.step, loss)
+    def _collect_stats(self):
+        """Read the statistics of the steps since the last read (the one host read), agree
+        on non-finite steps across ranks (one small allreduce) and apply the policy: abort
+        raises NonFiniteLossError naming the first bad step, skip counts and reports."""
+        if self._unread == 0:
+            return
+        t0 = time.perf_counter()
+        stats = self.backend.read_stats()
+        self._clock(time.perf_counter() - t0)
+        first_step = self.step - self._unread
+        self._unread = 0
+        if stats["examples"]:
+            self._loss_sum += stats["loss_sum"]
+            self._loss_n += stats["examples"]
+            self._shown_loss = stats["loss_sum"] / stats["examples"]
+        first = stats["first_nonfinite_step"]
+        # max of (count, -first step): agreed count, earliest bad step over the ranks
+        count, neg_first = self.comm.allreduce(
+            np.array([stats["nonfinite_steps"], -(first if first is not None else 2 ** 40)],
+                     dtype=np.int64), op="max")
+        if count:
+            self.nonfinite.account(first_step + int(-neg_first), int(count))
 
     def _evaluate(self, wall):
+        self._collect_stats()
         self.backend.sync_statistics()
         correct, count, loss_sum = self.backend.evaluate(self.eval_source.batches())
         totals = self.comm.allreduce(np.array([correct, count], dtype=np.int64), op="sum")
         loss_total = self.comm.allreduce(float(loss_sum), op="sum")
-        train_loss = self.comm.allreduce(self._loss_sum / max(1, self._loss_n), op="average")
+        sums = self.comm.allreduce(np.array([self._loss_sum, self._loss_n], dtype=np.float64),
+                                   op="sum")
+        train_loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
         self._loss_sum, self._loss_n = 0.0, 0
         accuracy = float(totals[0]) / max(1, int(totals[1]))
         self.last_accuracy = accuracy
@@ -286,6 +310,7 @@ class Engine:
         return 0.0
 
     def _checkpoint(self):
+        self._collect_stats()      # never save a step whose non-finite flag is unread
         self.backend.sync_statistics()
         data = self.backend.state_bytes()
         self.last_checkpoint_step = self.step

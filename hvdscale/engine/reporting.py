@@ -56,7 +56,9 @@ class Progress:
     def update(self, loss, lr):
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+            # loss: the mean of the last statistics read (None before the first one)
+            shown = {"loss": f"{loss:.4f}"} if loss is not None else {}
+            self._bar.set_postfix(**shown, lr=f"{lr:.3g}", refresh=False)
 
     def note(self, text):
         if self._bar is not None:

@@ -64,10 +64,10 @@ class LocalGradientProbe:
             [loss_scale] * passes
         if len(scales) != passes:
             raise ValueError(f"{len(scales)} loss scales for {passes} backward passes")
-        totals = []
-        for k in range(passes):
-            total = sum(float(values[k]) for values in self._per_param if len(values) > k)
-            totals.append(total / (scales[k] * scales[k]))
+        sums = [torch.stack([values[k].double() for values in self._per_param
+                             if len(values) > k]).sum() for k in range(passes)]
+        read = torch.stack(sums).tolist() if sums else []       # one host read for all passes
+        totals = [total / (scales[k] * scales[k]) for k, total in enumerate(read)]
         self._per_param = []
         return totals
 
@@ -75,11 +75,12 @@ class LocalGradientProbe:
 def grad_sq_norm(parameters):
     """|g|^2 over the parameters' current .grad (call after the allreduce has completed,
     e.g. after optimizer.synchronize() or step(), before zero_grad())."""
-    total = torch.zeros((), dtype=torch.float64)
-    for param in parameters:
-        if param.grad is not None:
-            total += torch.sum(param.grad.detach().double() ** 2)
-    return float(total)
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    # one norm per tensor on the gradients' device, one host read
+    norms = torch.stack([n.double() for n in torch._foreach_norm(grads)])
+    return float((norms ** 2).sum())
 
 
 
@@ -89,8 +90,11 @@ class TorchNoiseScale:
     In the trainer's step:
         pieces = noise.micro_batches(accumulation)   # arms the probe on due steps; 2x on 1 worker
         ... the usual backward passes over `pieces` micro-batches ...
-        noise.step(optimizer, loss_scales)           # instead of optimizer.step()
-    `noise.last` then holds {'b_simple', 'gns_g2', 'gns_trace', 'gns_samples'} for the log.
+        optimizer.synchronize(); scaler.unscale_(optimizer)    # averaged, unscaled gradients
+        if noise.due: noise.measure(loss_scales)     # then the trainer steps as usual
+    (or `noise.step(optimizer, loss_scales)` instead of optimizer.step(), which synchronizes
+    itself). `noise.last` then holds {'b_simple', 'gns_g2', 'gns_trace', 'gns_samples'}.
+    Only due steps read the device from the host (the norms); other steps cost nothing.
     """
 
     def __init__(self, noise_cfg, batch_cfg, comm, model):
@@ -111,6 +115,18 @@ class TorchNoiseScale:
         if self.online.due_now:
             self.probe.arm()
         return pieces
+
+    @property
+    def due(self):
+        return self.online.due_now
+
+    def measure(self, loss_scales):
+        """Record the estimate from the gradients in .grad now, which the caller has
+        averaged over workers and unscaled (after optimizer.synchronize(), before step())."""
+        if not self.online.due_now:
+            return None
+        big = grad_sq_norm(self.params)
+        return self.online.record(self.probe.collect(loss_scales), big)
 
     def step(self, optimizer, loss_scales, synchronized=False):
         """optimizer.step(), reading |G_big|^2 between the allreduce and the update

@@ -5,6 +5,13 @@ horovod.tensorflow.keras does not work with Keras 3, so the step is our own tf.f
 a GradientTape wrapped in Horovod's DistributedGradientTape. With batch.accumulation > 1 the
 local gradients of the micro-batches are summed into accumulators and allreduced once per
 step (DistributedGradientTape has no backward_passes_per_step).
+
+Precision: the Keras 3 mixed policy (mixed_bfloat16 / mixed_float16) computes layers in 16
+bits on fp32 variables; fp16 adds Keras's LossScaleOptimizer (the tape differentiates the
+scaled loss, the optimizer unscales, checks and skips overflows itself). Nothing in a step is
+read from the device: the loss sum, example count and non-finite count live in tf.Variables
+that `read_stats()` fetches at the engine's log interval. `faults.nonfinite: skip` is decided
+inside the step function (tf.cond on the averaged gradients), so it costs no host read either.
 """
 import io
 import zipfile
@@ -45,6 +52,7 @@ def broadcast_from_root(hvd, variables):
 class TensorFlowTrainer:
     framework = "tensorflow"
     checkpoint_suffix = ".npz"
+    input_layout = "NHWC"      # what array sources must deliver (hvdscale.data.build_sources)
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> keras.Model overrides the model zoo (tests use tiny models)."""
@@ -59,6 +67,14 @@ class TensorFlowTrainer:
         self._gpu = bool(gpus)
         self._model_fn = model_fn
         self.model = self.optimizer = None
+        self.precision = cfg.train.precision
+        self.nonfinite = cfg.faults.nonfinite
+        if self.precision == "fp16" and not gpus:
+            raise ConfigError("train.precision fp16 needs a GPU (loss-scaled fp16 is not run "
+                              "on CPUs); use bf16 or fp32 here")
+        if cfg.train.compile:
+            raise ConfigError("train.compile: XLA (jit_compile) cannot compile the step around "
+                              "Horovod's allreduce and was not faster on CPU; leave it false")
         if cfg.horovod.adasum and comm.distributed and comm.controller != "mpi" and not gpus:
             raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
                               "(horovodrun --mpi or mpirun), this job runs on "
@@ -77,15 +93,25 @@ class TensorFlowTrainer:
         c = self.cfg
         if self._model_fn is not None:
             return self._model_fn(c)
-        from hvdscale.registry import build_model   # the zoo or model.name "pkg.mod:factory"
-        return build_model(c)
+        from hvdscale.tensorflow.models import build_model
+        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
+                           zero_init_residual=c.model.zero_init_residual)
 
     def build(self):
         import keras
         keras.utils.set_random_seed(self.cfg.train.seed)
-        self.model = self._build_model()
-        self.optimizer = build_optimizer(self.cfg.optimizer.name,
-                                              self.cfg.optimizer.base_lr, self.cfg.optimizer)
+        policy = {"fp32": "float32", "bf16": "mixed_bfloat16",
+                  "fp16": "mixed_float16"}[self.precision]
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)   # layers take it when they are created
+        try:
+            self.model = self._build_model()
+        finally:
+            keras.config.set_dtype_policy(previous)
+        inner = build_optimizer(self.cfg.optimizer.name, self.cfg.optimizer.base_lr,
+                                self.cfg.optimizer)
+        self._fp16 = self.precision == "fp16"
+        self.optimizer = keras.optimizers.LossScaleOptimizer(inner) if self._fp16 else inner
         self.variables = list(self.model.trainable_variables)
         # the tf.Variables under Keras 3's wrappers: DistributedGradientTape needs .ref()
         self._sources = [getattr(v, "value", v) for v in self.variables]
@@ -106,40 +132,146 @@ class TensorFlowTrainer:
         if accum > 1 or self.noise_scale is not None:
             self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
                                   for v in self.variables]
+            self._acc_loss = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self._acc_n = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        # BatchNorm statistics to put back when `skip` drops a step
+        self._stat_vars = [v for v in self.model.non_trainable_variables
+                           if "float" in str(v.dtype)]
+        self._stat_saved = [tf.Variable(tf.convert_to_tensor(v), trainable=False)
+                            for v in self._stat_vars] if self.nonfinite == "skip" else []
+        self._make_stats()
         self._step = tf.function(self._single_step)
+        self._snapshot = tf.function(self._snapshot_fn)
         self._accumulate = tf.function(self._accumulate_fn)
         self._apply = tf.function(self._apply_accumulated)
         # the same two steps, also returning squared gradient norms for the noise scale
         self._accumulate_probe = tf.function(lambda x, y, w: self._accumulate_fn(x, y, w, True))
         self._apply_probe = tf.function(lambda: self._apply_accumulated(True))
-        self._logits = tf.function(lambda x: self.model(x, training=False),
-                                   reduce_retracing=True)
+        self._eval_batch = tf.function(self._eval_batch_fn, reduce_retracing=True)
+
+    def _make_stats(self):
+        var = lambda value, dtype: tf.Variable(tf.constant(value, dtype), trainable=False)
+        self._loss_sum, self._examples = var(0.0, tf.float64), var(0, tf.int64)
+        self._bad_steps, self._first_bad = var(0, tf.int64), var(-1, tf.int64)
+        self._step_index = var(0, tf.int64)
+        self._steps = 0
+
+    # ------------------------------------------------------------------ data
+    def device_batches(self, batches):
+        """This worker's batches as tensors on its device. NumPy batches go through tf.data
+        (read one batch ahead, and copied to the GPU ahead when there is one); TensorFlow
+        tensors (DALI's TF dataset, the tf.data image loader) pass through as they are."""
+        iterator = iter(batches)
+        first = next(iterator, None)
+        if first is None:
+            return
+        if not isinstance(first[0], np.ndarray):
+            yield first
+            yield from iterator
+            return
+        x0, y0 = first
+        if x0.ndim == 4 and x0.shape[-1] != self.cfg.in_channels \
+                and x0.shape[1] == self.cfg.in_channels:
+            raise ValueError(f"TensorFlow trainer got an NCHW batch {x0.shape}: array sources "
+                             f"must deliver NHWC")
+
+        def generate():
+            yield first
+            yield from iterator
+
+        spec = (tf.TensorSpec((None, *x0.shape[1:]), tf.as_dtype(x0.dtype)),
+                tf.TensorSpec((None,), tf.as_dtype(y0.dtype)))
+        dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+        if self._gpu:
+            dataset = dataset.apply(tf.data.experimental.prefetch_to_device("/gpu:0", 1))
+        else:
+            dataset = dataset.prefetch(1)
+        yield from dataset
+
+    @staticmethod
+    def _as_tensors(batch):
+        x, y = batch
+        return tf.convert_to_tensor(x), tf.reshape(tf.convert_to_tensor(y), [-1])
+
+    def poisoned(self, batch):
+        x, y = self._as_tensors(batch)
+        return tf.fill(tf.shape(x), tf.constant(float("nan"), x.dtype)), y
 
     # ------------------------------------------------------------------ steps
     def _loss(self, x, y):
-        logits = self.model(x, training=True)
+        logits = tf.cast(self.model(x, training=True), tf.float32)   # 16-bit under mixed
         return softmax_cross_entropy(logits, y, self.cfg.model.label_smoothing)
 
+    def _scaled(self, loss):
+        return self.optimizer.scale_loss(loss) if self._fp16 else loss
+
+    def _grad_scale(self):
+        return tf.cast(self.optimizer.dynamic_scale, tf.float32) if self._fp16 else 1.0
+
+    def _snapshot_fn(self):
+        for saved, var in zip(self._stat_saved, self._stat_vars):
+            saved.assign(var)
+
     def _single_step(self, x, y):
+        if self._stat_saved:
+            self._snapshot_fn()
         with tf.GradientTape() as tape:
             loss = self._loss(x, y)
+            target = self._scaled(loss)
         if self.comm.hvd is not None:
             tape = self.comm.hvd.DistributedGradientTape(tape, compression=self._compression,
                                                          op=self._op)
-        grads = tape.gradient(loss, self._sources)
-        # after backward, before the update: hook point for gradient checks (fault policies)
-        self.optimizer.apply_gradients(zip(grads, self.variables))
-        return loss
+        grads = tape.gradient(target, self._sources)
+        n = tf.cast(tf.shape(y)[0], tf.float64)
+        self._update(grads, tf.cast(loss, tf.float64) * n, n)
+
+    def _update(self, grads, loss_total, n):
+        """The non-finite decision from the averaged gradients (the same on every rank),
+        the update (dropped by `skip`), and the device-side statistics."""
+        loss_ok = tf.math.is_finite(loss_total)
+        if self.nonfinite == "off" or self._fp16:
+            # fp16: an overflow is LossScaleOptimizer's to skip, not a fault
+            grads_ok = tf.constant(True)
+        else:
+            grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                      for g in grads if g is not None])
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, self.variables))
+            return tf.constant(True)
+
+        def drop():
+            for saved, var in zip(self._stat_saved, self._stat_vars):
+                var.assign(saved)
+            return tf.constant(False)
+
+        if self.nonfinite == "skip":
+            tf.cond(grads_ok, apply, drop)
+        else:
+            apply()
+        bad = tf.logical_not(loss_ok) if self._fp16 else tf.logical_not(loss_ok & grads_ok)
+        if self.nonfinite == "off":
+            bad = tf.constant(False)
+        self._loss_sum.assign_add(tf.where(loss_ok, loss_total, tf.zeros_like(loss_total)))
+        self._examples.assign_add(tf.where(loss_ok, tf.cast(n, tf.int64), tf.constant(0, tf.int64)))
+        self._bad_steps.assign_add(tf.cast(bad, tf.int64))
+        self._first_bad.assign(tf.where(bad & (self._first_bad < 0), self._step_index,
+                                        self._first_bad))
+        self._step_index.assign_add(1)
 
     def _accumulate_fn(self, x, y, weight, probe=False):
         with tf.GradientTape() as tape:
             loss = self._loss(x, y)
-        grads = tape.gradient(loss, self.variables)
+            target = self._scaled(loss)
+        grads = tape.gradient(target, self.variables)
         for acc, g in zip(self._accumulators, grads):
             acc.assign_add(g * weight)
+        n = tf.cast(tf.shape(y)[0], tf.float64)
+        self._acc_loss.assign_add(tf.cast(loss, tf.float64) * n)
+        self._acc_n.assign_add(n)
         if probe:    # this worker's micro-batch gradient, before any allreduce
             from hvdscale.study.gns_tf import sq_norm
-            return loss, sq_norm(grads)
+            return loss, sq_norm(grads, self._grad_scale())
         return loss
 
     def _apply_accumulated(self, probe=False):
@@ -150,51 +282,81 @@ class TensorFlowTrainer:
         big = None
         if probe:    # the averaged gradient, before the optimizer sees it
             from hvdscale.study.gns_tf import sq_norm
-            big = sq_norm(grads)
-        # after backward, before the update: hook point for gradient checks (fault policies)
-        self.optimizer.apply_gradients(zip(grads, self.variables))
+            big = sq_norm(grads, self._grad_scale())
+        self._update(grads, self._acc_loss.read_value(), self._acc_n.read_value())
         for acc in self._accumulators:
             acc.assign(tf.zeros_like(acc))
+        self._acc_loss.assign(0.0)
+        self._acc_n.assign(0.0)
         return big
 
-    def train_step(self, x, y, lr):
+    def train_step(self, batch, lr):
+        x, y = self._as_tensors(batch)
         self.optimizer.learning_rate = lr
+        self._steps += 1
         accum = self.cfg.batch.accumulation
         noise = self.noise_scale
         pieces = noise.micro_batches(accum) if noise is not None else accum
         due = noise is not None and noise.due_now
         if pieces == 1:
-            return float(self._step(tf.constant(x), tf.constant(y)))
-        total, local = 0.0, []
-        for xb, yb in zip(np.array_split(x, pieces), np.array_split(y, pieces)):
-            weight = len(yb) / len(y)   # each micro-batch's share of the step's mean gradient
-            args = (tf.constant(xb), tf.constant(yb), tf.constant(weight, tf.float32))
+            self._step(x, y)
+            return
+        if self._stat_saved:
+            self._snapshot()
+        n = int(y.shape[0])
+        base, extra = divmod(n, pieces)
+        sizes = [base + 1] * extra + [base] * (pieces - extra)
+        local = []
+        for xb, yb, size in zip(tf.split(x, sizes), tf.split(y, sizes), sizes):
+            # each micro-batch's share of the step's mean gradient
+            weight = tf.constant(size / n, tf.float32)
             if due:
-                loss, sq = self._accumulate_probe(*args)
-                local.append(float(sq))
+                local.append(self._accumulate_probe(xb, yb, weight)[1])
             else:
-                loss = self._accumulate(*args)
-            total += weight * float(loss)
-        if due:
-            noise.record(local, float(self._apply_probe()))
+                self._accumulate(xb, yb, weight)
+        if due:      # the noise scale reads its norms on due steps only
+            noise.record([float(v) for v in tf.stack(local).numpy()],
+                         float(self._apply_probe()))
         else:
             self._apply()
-        return total
+
+    def read_stats(self):
+        """The one host read of the step statistics since the last call; resets them."""
+        values = tf.stack([self._loss_sum, tf.cast(self._examples, tf.float64),
+                           tf.cast(self._bad_steps, tf.float64),
+                           tf.cast(self._first_bad, tf.float64)]).numpy()
+        steps = self._steps
+        self._loss_sum.assign(0.0)
+        for var in (self._examples, self._bad_steps, self._step_index):
+            var.assign(0)
+        self._first_bad.assign(-1)
+        self._steps = 0
+        first = int(values[3])
+        return {"loss_sum": float(values[0]), "examples": int(values[1]), "steps": steps,
+                "nonfinite_steps": int(values[2]),
+                "first_nonfinite_step": None if first < 0 else first}
 
     def extra_metrics(self):
         """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
         return dict(self.noise_scale.last or {}) if self.noise_scale is not None else {}
 
+    def _eval_batch_fn(self, x, y):
+        logits = tf.cast(self.model(x, training=False), tf.float64)
+        labels = tf.cast(y, tf.int64)
+        logp = tf.nn.log_softmax(logits)
+        loss_sum = -tf.reduce_sum(tf.gather(logp, labels, batch_dims=1))
+        correct = tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1) == labels, tf.int64))
+        return correct, loss_sum
+
     def evaluate(self, batches):
-        correct, count, loss_sum = 0, 0, 0.0
-        for x, y in batches:
-            logits = self._logits(tf.constant(x)).numpy().astype(np.float64)
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            loss_sum += float(-logp[np.arange(len(y)), y].sum())
-            correct += int((logits.argmax(axis=1) == y).sum())
-            count += len(y)
-        return correct, count, loss_sum
+        correct, loss_sum, count = 0, 0.0, 0
+        for x, y in self.device_batches(batches):
+            c, l = self._eval_batch(x, tf.reshape(y, [-1]))
+            correct, loss_sum = correct + c, loss_sum + l      # tensors: no read yet
+            count += int(y.shape[0])
+        if count == 0:
+            return 0, 0, 0.0
+        return int(correct), count, float(loss_sum)     # one read per evaluation
 
     def sync_statistics(self):
         if not self.comm.distributed:

@@ -3,6 +3,15 @@
 Horovod's DistributedOptimizer averages gradients (or combines them with Adasum), optionally
 in fp16 on the wire, and with backward_passes_per_step = batch.accumulation it allreduces once
 per optimizer step however many micro-batches feed it.
+
+The step never reads a device value from the host (unless `faults.nonfinite: skip` asks for
+one flag per step, or the noise-scale estimate is due): the loss sum, the example count and
+the non-finite count are added up in device tensors that `read_stats()` fetches in one read
+at the engine's log interval. The order of one step, as Horovod wants it with AMP:
+
+    forward under autocast -> backward (of the scaled loss for fp16) -> optimizer.synchronize()
+    (averaged gradients) -> GradScaler.unscale_ -> non-finite flag and noise-scale norms from
+    the averaged, unscaled gradients -> `with optimizer.skip_synchronize(): step`
 """
 import contextlib
 import io
@@ -14,10 +23,19 @@ import torch.nn.functional as F
 from hvdscale.errors import ConfigError
 from hvdscale.torch.optim import build_optimizer
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def split_sizes(n, pieces):
+    """Micro-batch sizes of an n-example batch in `pieces` parts (np.array_split's sizes)."""
+    base, extra = divmod(n, pieces)
+    return [base + 1] * extra + [base] * (pieces - extra)
+
 
 class TorchTrainer:
     framework = "torch"
     checkpoint_suffix = ".pt"
+    input_layout = "NCHW"      # what array sources must deliver (hvdscale.data.build_sources)
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> nn.Module overrides the model zoo (tests use tiny models)."""
@@ -29,16 +47,24 @@ class TorchTrainer:
             self.device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         self._model_fn = model_fn
-        self.model = self.optimizer = None
-        # set by the engine: (loss, grads_finite) -> apply the update?  A collective call
-        # (hvdscale/engine/faults.py NonFiniteGuard)
-        self.update_guard = None
+        self.model = self.optimizer = self.scaler = None
+        self.precision = cfg.train.precision
+        self.nonfinite = cfg.faults.nonfinite
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision fp16 needs a CUDA GPU (loss-scaled fp16 is not "
+                              "run on CPUs); use bf16 or fp32 here")
+        if cfg.train.compile:
+            raise ConfigError("train.compile: torch.compile was not faster for these models on "
+                              "the CPUs it was measured on (benchmarks/RESULTS.md); "
+                              "leave it false")
         hv = cfg.horovod
         if hv.adasum and comm.distributed and comm.controller != "mpi" \
                 and self.device.type == "cpu":
             raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
                               "(horovodrun --mpi or mpirun), this job runs on "
                               f"{comm.controller}")
+        self.channels_last = False       # decided in build(): CUDA and a convolutional model
+        self._new_stats()
 
     @property
     def device_description(self):
@@ -51,14 +77,21 @@ class TorchTrainer:
         c = self.cfg
         if self._model_fn is not None:
             return self._model_fn(c)
-        from hvdscale.registry import build_model   # the zoo or model.name "pkg.mod:factory"
-        return build_model(c)
+        from hvdscale.torch.models import build_model
+        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
+                           zero_init_residual=c.model.zero_init_residual)
 
     def build(self):
         torch.manual_seed(self.cfg.train.seed)
-        self.model = self._build_model().to(self.device)
+        model = self._build_model().to(self.device)
+        # NHWC in memory suits cuDNN's tensor-core convolutions; on CPUs NCHW measured faster
+        self.channels_last = self.device.type == "cuda" and any(
+            isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
         opt = build_optimizer(self.cfg.optimizer.name, self.model,
-                                   self.cfg.optimizer.base_lr, self.cfg.optimizer)
+                              self.cfg.optimizer.base_lr, self.cfg.optimizer)
         hvd = self.comm.hvd
         if hvd is not None:
             # Fresh optimizers are identical on every rank (same hyper-parameters, empty
@@ -71,60 +104,189 @@ class TorchTrainer:
                 backward_passes_per_step=self.cfg.batch.accumulation,
                 op=hvd.Adasum if self.cfg.horovod.adasum else hvd.Average)
         self.optimizer = opt
+        # fp16 needs loss scaling; bf16 has fp32's exponent range and needs none
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        # Horovod's optimizer can average now and step later (skip_synchronize); Adasum
+        # combines inside step() only
+        self._separate_sync = hasattr(opt, "skip_synchronize") and not self.cfg.horovod.adasum
         # online gradient noise scale (hvdscale/study/gns_torch.py); None when switched off
         self.noise_scale = None
         if self.cfg.noise_scale.every:
             from hvdscale.study.gns_torch import TorchNoiseScale
             self.noise_scale = TorchNoiseScale(self.cfg.noise_scale, self.cfg.batch, self.comm,
                                                self.model)
+        self._new_stats()
+
+    # ------------------------------------------------------------------ data
+    def _as_tensors(self, batch):
+        """(images, labels) as CPU or device tensors, without copying NumPy data."""
+        x, y = batch
+        if isinstance(x, np.ndarray):
+            channels = self.cfg.in_channels
+            if x.ndim == 4 and x.shape[1] != channels and x.shape[-1] == channels:
+                raise ValueError(f"torch trainer got an NHWC batch {x.shape}: array sources "
+                                 f"must deliver NCHW (transposed once at load time)")
+            x = torch.from_numpy(x)
+        if isinstance(y, np.ndarray):
+            y = torch.from_numpy(y)
+        return x, y.reshape(-1).long()
+
+    def _on_device(self, x, y, non_blocking=False):
+        x = x.to(self.device, non_blocking=non_blocking)
+        y = y.to(self.device, non_blocking=non_blocking)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def device_batches(self, batches):
+        """This worker's batches as tensors on its device. On CUDA, host batches are pinned
+        and copied on a side stream one batch ahead (the copy of batch i+1 overlaps step i);
+        batches that are already there (DALI's torch iterator) are used as they are."""
+        if self.device.type != "cuda":
+            for batch in batches:
+                yield self._on_device(*self._as_tensors(batch))
+            return
+        stream = torch.cuda.Stream(self.device)
+
+        def start_copy(batch):
+            x, y = self._as_tensors(batch)
+            if x.device == self.device and y.device == self.device:
+                return self._on_device(x, y), None
+            if x.device.type == "cpu":
+                x, y = x.pin_memory(), y.pin_memory()
+            with torch.cuda.stream(stream):
+                x, y = self._on_device(x, y, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return (x, y), done
+
+        pending = None
+        for batch in batches:
+            upcoming = start_copy(batch)
+            if pending is not None:
+                yield self._ready(*pending)
+            pending = upcoming
+        if pending is not None:
+            yield self._ready(*pending)
+
+    def _ready(self, tensors, done):
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for t in tensors:      # memory made on the side stream, used on this one
+                t.record_stream(current)
+        return tensors
+
+    def poisoned(self, batch):
+        x, y = batch
+        return torch.full_like(x, float("nan")), y
 
     # ------------------------------------------------------------------ steps
-    def _tensor(self, x):
-        # NHWC arrays from the data layer -> NCHW tensors for torch convolutions
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device)
+    def _new_stats(self):
+        dev = getattr(self, "device", torch.device("cpu"))
+        zero = lambda dtype: torch.zeros((), dtype=dtype, device=dev)
+        self._loss_sum = zero(torch.float64)
+        self._examples = zero(torch.int64)
+        self._bad_steps = zero(torch.int64)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self._step_index = zero(torch.int64)      # steps since the last read, on the device
+        self._steps = 0
 
-    def train_step(self, x, y, lr):
+    def _autocast(self):
+        dtype = AMP_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, batch, lr):
+        x, y = batch
+        if not isinstance(x, torch.Tensor) or x.device != self.device:
+            x, y = self._on_device(*self._as_tensors(batch))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad()
-        # a vetoed step must leave BatchNorm's running statistics as they were, too
-        saved = self._float_buffers(clone=True) if self.update_guard is not None else None
-        accum = self.cfg.batch.accumulation
-        noise = self.noise_scale
-        pieces = noise.micro_batches(accum) if noise is not None else accum
-        xs, ys = np.array_split(x, pieces), np.array_split(y, pieces)
-        total = 0.0
-        for xb, yb in zip(xs, ys):
-            logits = self.model(self._tensor(xb))
-            loss = F.cross_entropy(logits, torch.from_numpy(yb).to(self.device),
+        skip = self.nonfinite == "skip"
+        # a dropped update must leave BatchNorm's running statistics as they were, too
+        saved = self._float_buffers(clone=True) if skip else None
+        noise, scaler = self.noise_scale, self.scaler
+        pieces = noise.micro_batches(self.cfg.batch.accumulation) if noise is not None \
+            else self.cfg.batch.accumulation
+        n = y.shape[0]
+        sizes = split_sizes(n, pieces)
+        step_loss = None
+        for xb, yb in zip(torch.split(x, sizes), torch.split(y, sizes)):
+            with self._autocast():
+                logits = self.model(xb)
+            loss = F.cross_entropy(logits.float(), yb,
                                    label_smoothing=self.cfg.model.label_smoothing)
             # each micro-batch contributes its share of the step's mean gradient
-            (loss * (len(yb) / len(y))).backward()
-            total += loss.item() * len(yb) / len(y)
-        # after backward, before the update: the engine's fault policy may veto the update
-        synced = self._synchronize_for_guard()
-        if self.update_guard is not None and not self.update_guard(total, self._grads_finite()):
-            self.optimizer.zero_grad()       # the same on every rank: no update this step
+            weighted = loss * (yb.shape[0] / n)
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
+            part = loss.detach().double() * yb.shape[0]
+            step_loss = part if step_loss is None else step_loss + part
+        if self._separate_sync:
+            self.optimizer.synchronize()          # the averaged gradients, from here on
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)       # the guard, the noise scale and LARS/LAMB
+        grads_ok = self._grads_finite() if self.nonfinite != "off" else None
+        if skip and not bool(grads_ok):           # the one host read `skip` costs per step
+            self.optimizer.zero_grad()            # the same on every rank: no update
             with torch.no_grad():
                 for buf, old in zip(self._float_buffers(), saved):
                     buf.copy_(old)
-            return total
-        with self.optimizer.skip_synchronize() if synced else contextlib.nullcontext():
-            if noise is not None:
-                noise.step(self.optimizer, [len(yb) / len(y) for yb in ys], synchronized=synced)
+            if scaler is not None:
+                scaler.update()
+            self._count(step_loss, n, grads_ok)
+            return
+        sync = self.optimizer.skip_synchronize() if self._separate_sync \
+            else contextlib.nullcontext()
+        with sync:
+            if noise is not None and noise.due:
+                # the probe saw the local gradients of the (loss-scaled) micro-batch losses
+                grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+                scales = [s / n * grad_scale for s in sizes]
+                if self._separate_sync or not hasattr(self.optimizer, "synchronize"):
+                    noise.measure(scales)
+                    self._optimizer_step()
+                else:                # Adasum: the combined gradient exists only in step()
+                    noise.step(self.optimizer, scales)
             else:
-                self.optimizer.step()
-        return total
+                self._optimizer_step()
+        self._count(step_loss, n, grads_ok)
 
-    def _synchronize_for_guard(self):
-        """Average the gradients now (Horovod) so the guard judges what the update would use;
-        Adasum combines inside step() and has no separate synchronize."""
-        if self.update_guard is None or not hasattr(self.optimizer, "skip_synchronize") \
-                or self.cfg.horovod.adasum:
-            return False
-        self.optimizer.synchronize()
-        return True
+    def _optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def _count(self, step_loss, n, grads_ok):
+        """Add this step to the device-side statistics (no host read)."""
+        loss_ok = torch.isfinite(step_loss)
+        self._loss_sum += torch.where(loss_ok, step_loss, torch.zeros_like(step_loss))
+        self._examples += loss_ok.long() * n
+        bad = ~loss_ok if grads_ok is None or self.scaler is not None else ~(loss_ok & grads_ok)
+        if self.nonfinite == "off":
+            bad = torch.zeros_like(bad)
+        self._bad_steps += bad.long()
+        self._first_bad.copy_(torch.where(bad & (self._first_bad < 0), self._step_index,
+                                          self._first_bad))
+        self._step_index += 1
+        self._steps += 1
+
+    def read_stats(self):
+        """The one host read of the step statistics since the last call; resets them."""
+        values = torch.stack([self._loss_sum, self._examples.double(),
+                              self._bad_steps.double(), self._first_bad.double()]).tolist()
+        steps = self._steps
+        self._new_stats()
+        first = int(values[3])
+        return {"loss_sum": values[0], "examples": int(values[1]), "steps": steps,
+                "nonfinite_steps": int(values[2]), "first_nonfinite_step": None if first < 0
+                else first}
 
     def _float_buffers(self, clone=False):
         bufs = [b for b in self.model.buffers() if b.is_floating_point()]
@@ -132,10 +294,12 @@ class TorchTrainer:
 
     @torch.no_grad()
     def _grads_finite(self):
+        """A device bool: every gradient finite (one norm per tensor, then one reduction).
+        An overflow in fp16 is GradScaler's business (it skips that step), not a fault."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
     def extra_metrics(self):
         """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
@@ -144,14 +308,17 @@ class TorchTrainer:
     @torch.no_grad()
     def evaluate(self, batches):
         self.model.eval()
-        correct, count, loss_sum = 0, 0, 0.0
-        for x, y in batches:
-            logits = self.model(self._tensor(x))
-            target = torch.from_numpy(y).to(self.device)
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(1) == target).sum())
-            count += len(y)
-        return correct, count, loss_sum
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for x, y in self.device_batches(batches):
+            with self._autocast():
+                logits = self.model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            count += y.shape[0]
+        return int(correct), count, float(loss_sum)     # one read per evaluation
 
     @torch.no_grad()
     def sync_statistics(self):
@@ -165,8 +332,11 @@ class TorchTrainer:
     # ------------------------------------------------------------------ state
     def state_bytes(self):
         buf = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, buf)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        torch.save(state, buf)
         return buf.getvalue()
 
     def load_state_bytes(self, data):
@@ -179,10 +349,12 @@ class TorchTrainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise ConfigError(f"--resume: checkpoint does not fit this model/optimizer "
                               f"({str(err).splitlines()[0]})") from None
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
 
     def parameters(self):
         return {n: p.detach().cpu().numpy().copy() for n, p in self.model.named_parameters()}
