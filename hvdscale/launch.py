@@ -18,12 +18,14 @@ Rules the builder applies, because each one costs a queue wait when forgotten:
 import math
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from hvdscale import registry
 from hvdscale.errors import ConfigError
+from hvdscale.rendezvous import ALL_INTERFACES
 
 # The launchers are entries of hvdscale.registry.LAUNCHERS (name, description, planner and
 # command builder); this tuple is the built-in names, for option choices.
@@ -65,6 +67,11 @@ class Layout:
     is_root: bool = False
     launcher_args: Tuple[str, ...] = ()     # passed to the launcher verbatim, before the command
     launcher_path: Optional[str] = None     # the launcher executable if not the bare name
+    # horovodrun + Gloo: the address/port the rendezvous server listens on (hvdscale.rendezvous;
+    # no address: network_interface's, else every interface)
+    rendezvous_addr: Optional[str] = None
+    rendezvous_port: Optional[int] = None
+    python: str = sys.executable            # runs hvdscale.rendezvous in front of horovodrun
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,9 @@ def plan_layout(layout: Layout, env: Mapping[str, str]) -> Plan:
         raise ConfigError("elastic jobs need --launcher horovodrun (mpirun and srun cannot add hosts)")
     if not layout.elastic and (layout.min_np or layout.max_np):
         raise ConfigError("--min-np/--max-np only apply to --elastic jobs")
+    if (layout.rendezvous_addr or layout.rendezvous_port) and not uses_gloo_rendezvous(layout):
+        raise ConfigError("--rendezvous-addr/--rendezvous-port only apply to horovodrun's Gloo "
+                          "controller (MPI starts no rendezvous server)")
     if layout.ssh_port is not None and layout.launcher == "srun":
         raise ConfigError("--ssh-port does not apply to srun (SLURM starts the workers itself)")
     return registry.resolve(registry.LAUNCHERS.get(layout.launcher).plan)(layout, env)
@@ -336,6 +346,39 @@ def mpirun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> List[s
     return argv + list(layout.launcher_args) + list(layout.command)
 
 
+def uses_gloo_rendezvous(layout: Layout) -> bool:
+    """horovodrun starts a Gloo rendezvous server unless told to use MPI."""
+    return layout.launcher == "horovodrun" and layout.controller != "mpi"
+
+
+def rendezvous_warning(layout: Layout) -> Optional[str]:
+    """The warning for a Gloo rendezvous that would listen on every interface."""
+    if uses_gloo_rendezvous(layout) and (layout.rendezvous_addr == ALL_INTERFACES or (
+            layout.rendezvous_addr is None and not layout.network_interface)):
+        return ("the Gloo rendezvous (horovodrun's key-value store; it checks no key) will listen "
+                "on every interface (0.0.0.0): give --network-interface or --rendezvous-addr to "
+                "bind it to the training network, or --controller mpi on a shared network "
+                "(docs/cluster.md, 'Rendezvous')")
+    return None
+
+
+def _horovodrun_exe(layout):
+    """horovodrun, or hvdscale.rendezvous running horovodrun with the Gloo rendezvous bound to
+    --rendezvous-addr, else to the address of --network-interface (looked up when it runs)."""
+    if not uses_gloo_rendezvous(layout):
+        return [_exe(layout)]
+    if layout.rendezvous_addr:
+        where = ["--bind", layout.rendezvous_addr]
+    elif layout.network_interface:
+        where = ["--bind-interface", layout.network_interface]
+    else:
+        return [_exe(layout)]
+    exe = [layout.python, "-m", "hvdscale.rendezvous", *where]
+    if layout.rendezvous_port:
+        exe += ["--port", str(layout.rendezvous_port)]
+    return exe + ["--"]
+
+
 def horovodrun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> List[str]:
     # horovodrun passes its whole environment on to every worker, local or remote.
     extra_env = [f"OMP_NUM_THREADS={plan.threads}"]
@@ -348,7 +391,7 @@ def horovodrun_command(layout: Layout, plan: Plan, env: Mapping[str, str]) -> Li
         default_slots = layout.workers_per_node or layout.gpus_per_node
         if default_slots:   # for hosts added to the file later without a count
             extra_env.append(f"HVDSCALE_SLOTS={default_slots}")
-    argv = ["env", *extra_env, _exe(layout), "-np", str(plan.np)]
+    argv = ["env", *extra_env, *_horovodrun_exe(layout), "-np", str(plan.np)]
     if layout.elastic:
         if layout.min_np is not None:
             argv += ["--min-np", str(layout.min_np)]

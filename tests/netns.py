@@ -1,7 +1,7 @@
 """Two "hosts" on one machine for multi-host tests: Linux network namespaces joined by veth
 pairs to a bridge, each host running its own sshd with keys made for the test.
 
-    launcher namespace  (bridge hvd0, 10.77.0.254) -- runs horovodrun
+    launcher namespace  (bridge hvd0, 10.77.0.254 + 10.77.0.253) -- runs horovodrun
       +-- veth -- host A namespace (hvd0, 10.77.0.1, sshd)
       +-- veth -- host B namespace (hvd0, 10.77.0.2, sshd)
 
@@ -26,6 +26,9 @@ from pathlib import Path
 
 SUBNET = "10.77.0"
 LAUNCHER_IP = f"{SUBNET}.254"
+# a second address of the launcher on the same bridge: a service bound to LAUNCHER_IP must
+# not answer there (tests/test_multihost.py, rendezvous binding)
+LAUNCHER_OTHER_IP = f"{SUBNET}.253"
 IFACE = "hvd0"
 
 
@@ -82,6 +85,7 @@ class TwoHosts:
         # address from the NIC it chose for the workers, so the launcher needs one too
         _ip("-n", L, "link", "add", IFACE, "type", "bridge")
         _ip("-n", L, "addr", "add", f"{LAUNCHER_IP}/24", "dev", IFACE)
+        _ip("-n", L, "addr", "add", f"{LAUNCHER_OTHER_IP}/24", "dev", IFACE)   # secondary
         _ip("-n", L, "link", "set", IFACE, "up")
         for i, (ns, addr) in enumerate(self.hosts.items()):
             _ip("netns", "add", ns)

@@ -10,11 +10,12 @@ itself comes from the pure builder in hvdscale/launch.py.
 import argparse
 import os
 import shutil
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hvdscale import launch
+from hvdscale import launch, rendezvous
 from hvdscale.errors import ConfigError
 
 
@@ -39,6 +40,13 @@ def add_arguments(parser):
                         help="horovodrun: --gloo or --mpi (default: horovodrun's choice)")
     parser.add_argument("--network-interface", help="NIC for Horovod/NCCL/MPI traffic, e.g. ib0")
     parser.add_argument("--ssh-port", type=int, help="sshd port on the other hosts (containers)")
+    parser.add_argument("--rendezvous-addr", metavar="ADDR",
+                        help="horovodrun/Gloo: IPv4 address the rendezvous server listens on "
+                             "(default: 127.0.0.1 for one machine, else the address of "
+                             "--network-interface; 0.0.0.0 = every interface, warned about)")
+    parser.add_argument("--rendezvous-port", type=int, metavar="PORT",
+                        help="horovodrun/Gloo: the rendezvous server's port, for a firewall rule "
+                             "(default: any free port)")
     parser.add_argument("--mpi", dest="srun_mpi", default="pmix", choices=launch.SRUN_MPI_PLUGINS,
                         help="srun's PMI plugin, the one SLURM and OpenMPI share (default pmix)")
     parser.add_argument("--mca", action="append", default=[], metavar="KEY=VALUE",
@@ -59,8 +67,11 @@ def add_arguments(parser):
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- the worker command")
 
 
-def layout_from_args(args, env, cores, is_root):
-    """The Layout for parsed options; `env`, `cores` and `is_root` describe this machine."""
+def layout_from_args(args, env, cores, is_root, interfaces=None):
+    """The Layout for parsed options; `env`, `cores`, `is_root` and `interfaces`
+    ({name: [IPv4, ...]}, default: this machine's) describe this machine."""
+    if interfaces is None:
+        interfaces = interface_addresses()
     program = list(args.program)
     if program and program[0] == "--":
         program = program[1:]
@@ -81,7 +92,42 @@ def layout_from_args(args, env, cores, is_root):
         srun_mpi=args.srun_mpi, mca=launch.parse_mca(args.mca, defaults=not args.no_default_mca),
         elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
         hostfile=hostfile if args.elastic else None, is_root=is_root,
-        launcher_args=tuple(args.launcher_arg))
+        launcher_args=tuple(args.launcher_arg),
+        rendezvous_addr=rendezvous_address(args, hosts, interfaces),
+        rendezvous_port=rendezvous.check_port(args.rendezvous_port))
+
+
+def local_addresses(interfaces):
+    return {addr for addrs in interfaces.values() for addr in addrs}
+
+
+def _is_local(host, interfaces):
+    try:
+        return socket.gethostbyname(host) in local_addresses(interfaces) | {"127.0.0.1"}
+    except OSError:
+        return False
+
+
+def rendezvous_address(args, hosts, interfaces):
+    """Where horovodrun's Gloo rendezvous listens: the address given, else loopback when every
+    worker is on this machine; None leaves it to the builder (the address of
+    --network-interface, or every interface with a warning). `interfaces` maps interface
+    names to this machine's IPv4 addresses."""
+    if args.rendezvous_addr:
+        return rendezvous.check_address(args.rendezvous_addr)
+    if args.launcher != "horovodrun" or args.controller == "mpi":
+        return None
+    # Elastic jobs may gain remote hosts later, so they never get loopback.
+    if not args.elastic and all(_is_local(name, interfaces) for name, _ in hosts):
+        return "127.0.0.1"      # (no hosts = localhost)
+    return None
+
+
+def interface_addresses():
+    """{interface: [IPv4 address, ...]} of this machine."""
+    import psutil
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items()}
 
 
 def _next_to_interpreter(name, env):
@@ -104,6 +150,9 @@ def run(args):
     if launcher_path:
         layout = replace(layout, launcher_path=launcher_path)
     argv = launch.build_command(layout, env)
+    warning = launch.rendezvous_warning(layout)
+    if warning:
+        print(f"hvdscale launch: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(launch.format_command(argv))
         return 0
