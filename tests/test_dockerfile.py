@@ -153,3 +153,61 @@ def test_copy_sources_exist_and_the_context_leaves_out_local_state():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv/", ".git/", "runs/"):
         assert entry in ignored
+
+
+# ---------------------------------------------------------------------------------------
+# launchers/container/build-cpu.sh (make image-cpu): the podman command it runs, with a
+# recording podman (the real build is tests/test_container.py, marker image)
+
+
+def test_podman_build_gets_the_locked_down_host_settings(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    record = tmp_path / "podman.argv"
+    podman = fake / "podman"
+    # `image exists` -> yes (no base image is made); `build` records its argv and the pip
+    # configuration it was given, and writes an image id like a finished build
+    podman.write_text(
+        "#!/bin/bash\n"
+        '[ "$1 $2" = "image exists" ] && exit 0\n'
+        f"printf '%s\\n' \"$@\" > {record}\n"
+        'prev=""; for a in "$@"; do\n'
+        f'  case "$prev:$a" in -v:*:/etc/pip.conf:ro) cp "${{a%%:*}}" {tmp_path}/pip.conf ;; esac\n'
+        '  [ "$prev" = --iidfile ] && echo sha256:0123456789abcdef0123 > "$a"\n'
+        '  prev=$a; done\n')
+    podman.chmod(0o755)
+    pip_conf = tmp_path / "pip-host.conf"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    pip_conf.write_text(f"[global]\nfind-links = {wheels}\n"
+                        f"extra-index-url = file://{tmp_path}/index/simple\n")
+    (tmp_path / "index" / "simple").mkdir(parents=True)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path), "PIP_CONFIG_FILE": str(pip_conf)}
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "container" / "build-cpu.sh"), "my/tag"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "build-cpu.sh: built my/tag (sha256:0123456789ab)" in proc.stdout
+    argv = record.read_text().splitlines()
+    assert argv[:3] == ["--runtime", "runc", "build"]
+    assert "--network=host" in argv and argv[argv.index("--format") + 1] == "docker"
+    limits = [argv[i + 1] for i, a in enumerate(argv) if a == "--ulimit"]
+    assert limits[0].startswith("nofile=1024:") and limits[1] == "nproc=4096:4096"
+    assert "CPU_ONLY=1" in argv and "CPU_IMAGE=localhost/hvdscale-base:bookworm" in argv
+    assert argv[-2:] == ["my/tag", str(REPO)] and "--pull=never" in argv
+    # the host's pip configuration and the local paths it names, read-only at the same place
+    mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+    assert f"{wheels}:{wheels}:ro" in mounts and f"{tmp_path}/index:{tmp_path}/index:ro" in mounts
+    given = (tmp_path / "pip.conf").read_text()
+    assert f"find-links = {wheels}" in given and "extra-index-url = file://" in given
+
+
+def test_podman_build_that_did_not_finish_is_not_reported_built(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "podman").write_text('#!/bin/sh\n[ "$1 $2" = "image exists" ] && exit 0\nexit 0\n')
+    (fake / "podman").chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "container" / "build-cpu.sh")],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 1 and "did not finish (no image id)" in proc.stderr
+    assert "built" not in proc.stdout.replace("==>", "")

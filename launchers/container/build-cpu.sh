@@ -23,9 +23,11 @@ bash "$HERE/base-image.sh" "$BASE"
 VOLUMES=()
 PIP_CONF="$(mktemp /tmp/hvdscale-pip.XXXXXX.conf)"
 trap 'rm -f "$PIP_CONF"' EXIT
-if python3 -m pip --version >/dev/null 2>&1; then
+PIP_PY=python3   # any pip reads the same files and variables; the project's venv has one
+[ -x "$ROOT/.venv/bin/python" ] && PIP_PY="$ROOT/.venv/bin/python"
+if "$PIP_PY" -m pip --version >/dev/null 2>&1; then
     { echo "[global]"
-      python3 -m pip config list 2>/dev/null | sed -E "s/^(global|:env:)\.([a-z-]+)='(.*)'$/\2 = \3/;t;d" \
+      "$PIP_PY" -m pip config list 2>/dev/null | sed -E "s/^(global|:env:)\.([a-z-]+)='(.*)'$/\2 = \3/;t;d" \
           | awk '!seen[$1]++'
     } >"$PIP_CONF"
     chmod 644 "$PIP_CONF"
