@@ -108,15 +108,8 @@ class OptimizerInfo:
         return core_optimizers.resolve_options(self.name, self.defaults, given)
 
     def summary(self, values: Mapping[str, Any]) -> str:
-        """`lamb (betas (0.9, 0.999), eps 1e-06, weight_decay 0.01, ...)` for the run header."""
-        parts = []
-        for key in self.options:
-            value = values.get(key)
-            if isinstance(value, (list, tuple)):
-                value = "(" + ", ".join(f"{v:g}" for v in value) + ")"
-            elif isinstance(value, float):
-                value = f"{value:g}"
-            parts.append(f"{key} {value}")
+        """`lamb (betas [0.9, 0.999], eps 1e-06, weight_decay 0.01, ...)` for the run header."""
+        parts = [f"{key} {_show(values.get(key))}" for key in self.options]
         return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
 
@@ -360,6 +353,6 @@ def _show(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, tuple):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(f"{v:g}" for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)

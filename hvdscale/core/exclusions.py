@@ -7,6 +7,7 @@ re.search against the parameter's name: torch `named_parameters()` names, Keras 
 exclude further tensors. One rule, used by both backends.
 """
 import re
+from typing import Iterable, List, Sequence, Tuple, Union
 
 from hvdscale.errors import ConfigError
 
@@ -14,7 +15,7 @@ from hvdscale.errors import ConfigError
 class ExclusionRule:
     """`rule(name, ndim)` is True when the parameter is excluded."""
 
-    def __init__(self, exclude_1d=True, patterns=()):
+    def __init__(self, exclude_1d: bool = True, patterns: Union[str, Sequence[str]] = ()):
         if isinstance(patterns, str):
             patterns = [patterns]
         self.exclude_1d = bool(exclude_1d)
@@ -46,7 +47,8 @@ class ExclusionRule:
         return f"ExclusionRule(exclude_1d={self.exclude_1d}, patterns={list(self.patterns)})"
 
 
-def excluded_names(named_shapes, exclude_1d=True, patterns=()):
+def excluded_names(named_shapes: Iterable[Tuple[str, Sequence[int]]], *, exclude_1d: bool = True,
+                   patterns: Sequence[str] = ()) -> List[str]:
     """The names among (name, shape) pairs that the rule excludes, in input order."""
     rule = ExclusionRule(exclude_1d, patterns)
     return [name for name, shape in named_shapes if rule(name, len(tuple(shape)))]

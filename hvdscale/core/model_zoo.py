@@ -6,6 +6,7 @@ count that the tests hold both builds to. Plain Python: importing this never loa
 so recipe validation can check a model name cheaply.
 """
 from dataclasses import dataclass
+from typing import Dict, Union
 
 from hvdscale.errors import ConfigError
 
@@ -51,7 +52,9 @@ class BottleneckResNetSpec:
     stem_width: int = 64
 
 
-SPECS = {
+Spec = Union[CNNSpec, MLPSpec, CifarResNetSpec, BottleneckResNetSpec]
+
+SPECS: Dict[str, Spec] = {
     "cnn": CNNSpec(),
     "resnet8": CifarResNetSpec(blocks_per_stage=1),
     "resnet20": CifarResNetSpec(blocks_per_stage=3),
@@ -68,7 +71,7 @@ def _positive_int(value, what):
         raise ConfigError(f"model {what} must be a positive integer, got {value!r}")
 
 
-def check_model_args(name, num_classes, in_channels, image_size):
+def check_model_args(name: str, num_classes: int, in_channels: int, image_size: int) -> Spec:
     """Raise ConfigError, naming the problem, unless build_model can build this model."""
     if name not in SPECS:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
@@ -81,7 +84,7 @@ def check_model_args(name, num_classes, in_channels, image_size):
     return SPECS[name]
 
 
-def cnn_flat_features(spec, image_size):
+def cnn_flat_features(spec: CNNSpec, image_size: int) -> int:
     """Features entering the CNN's dense layer: two floor-halving pools of the last conv map."""
     side = image_size // 2 // 2
     return side * side * spec.widths[-1]
@@ -109,7 +112,7 @@ def bottleneck_stage_plan(spec):
     return plan
 
 
-def block_name(stage, block):
+def block_name(stage: int, block: int) -> str:
     """Same name in both frameworks: torch module `layer1_0` is Keras layer `layer1_0`."""
     return f"layer{stage + 1}_{block}"
 
@@ -126,7 +129,7 @@ def _dense(fan_in, fan_out):
     return fan_in * fan_out + fan_out
 
 
-def param_count(name, num_classes, in_channels, image_size):
+def param_count(name: str, num_classes: int, in_channels: int, image_size: int) -> int:
     """Trainable parameters (BN gamma/beta included, running statistics not)."""
     spec = check_model_args(name, num_classes, in_channels, image_size)
     if isinstance(spec, MLPSpec):

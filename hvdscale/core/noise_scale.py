@@ -21,11 +21,13 @@ squared norms and hand floats to this module.
 """
 import math
 from dataclasses import dataclass
+from typing import Tuple
 
 from hvdscale.errors import ConfigError
 
 
-def unbiased_estimates(small_sq, b_small, big_sq, b_big):
+def unbiased_estimates(small_sq: float, b_small: int, big_sq: float,
+                       b_big: int) -> Tuple[float, float]:
     """(|G|^2, tr(Sigma)) estimated from one pair of squared gradient norms.
 
     small_sq: |G_small|^2 of a gradient averaged over b_small examples (or the mean of several
@@ -41,7 +43,7 @@ def unbiased_estimates(small_sq, b_small, big_sq, b_big):
     return float(g2), float(trace)
 
 
-def is_due(step, every):
+def is_due(step: int, every: int) -> bool:
     """True on the steps where the estimate is taken (every=0 switches it off)."""
     return every > 0 and step % every == 0
 
@@ -66,7 +68,7 @@ class NoiseScaleEstimator:
     toward zero; the ratio is unaffected by the correction, the logged parts are.
     """
 
-    def __init__(self, ema=0.9):
+    def __init__(self, ema: float = 0.9):
         if not 0.0 <= ema < 1.0:
             raise ConfigError(f"noise_scale.ema must be in [0, 1), got {ema!r}")
         self.ema = float(ema)
@@ -76,7 +78,8 @@ class NoiseScaleEstimator:
         self.samples = 0
         self.skipped = 0     # steps with a non-finite gradient, left out
 
-    def update(self, small_sq, b_small, big_sq, b_big):
+    def update(self, small_sq: float, b_small: int, big_sq: float,
+               b_big: int) -> "NoiseScaleReading":
         """Fold in one step's squared norms; returns the new reading.
 
         A non-finite norm (an overflowing step, handled by the trainer's fault policy) is left
@@ -124,7 +127,8 @@ class NoiseScaleEstimator:
         self.skipped = int(state.get("skipped", 0))
 
 
-def data_parallel_batches(per_worker, workers, accumulation=1):
+def data_parallel_batches(per_worker: int, workers: int,
+                          accumulation: int = 1) -> Tuple[int, int]:
     """(b_small, b_big) for a data-parallel step: one micro-batch vs. the global batch.
 
     Each micro-batch gradient on each worker is a small-batch gradient; the allreduced,

@@ -20,6 +20,8 @@ LAMB (You et al. 2019, Algorithm 2), moments m, v (zero at start), step t = 1, 2
             1 when excluded or either norm is 0; min(ratio, max_trust_ratio) if that is set
     w = w - lr * ratio * u
 """
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
 import numpy as np
 
 LARS_DEFAULTS = dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8)
@@ -37,7 +39,8 @@ def lars_trust_ratio(w_norm, g_norm, weight_decay, trust_coefficient, eps):
     return 1.0
 
 
-def lamb_trust_ratio(w_norm, u_norm, clamp_value=None, max_trust_ratio=None):
+def lamb_trust_ratio(w_norm: float, u_norm: float, *, clamp_value: Optional[float] = None,
+                     max_trust_ratio: Optional[float] = None) -> float:
     if clamp_value is not None:
         w_norm = min(w_norm, clamp_value)
     ratio = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
@@ -46,8 +49,10 @@ def lamb_trust_ratio(w_norm, u_norm, clamp_value=None, max_trust_ratio=None):
     return ratio
 
 
-def lars_update(w, g, buf, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                eps=1e-8, excluded=False):
+def lars_update(w: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], lr: float, *,
+                momentum: float = 0.9, weight_decay: float = 0.0,
+                trust_coefficient: float = 0.001, eps: float = 1e-8,
+                excluded: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """One LARS update of one tensor: returns (new w, new momentum buffer)."""
     w, g = np.asarray(w), np.asarray(g)
     buf = np.zeros_like(w) if buf is None else np.asarray(buf)
@@ -60,8 +65,11 @@ def lars_update(w, g, buf, lr, momentum=0.9, weight_decay=0.0, trust_coefficient
     return w - buf, buf
 
 
-def lamb_update(w, g, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
-                bias_correction=True, clamp_value=None, max_trust_ratio=None, excluded=False):
+def lamb_update(w: np.ndarray, g: np.ndarray, m: Optional[np.ndarray], v: Optional[np.ndarray],
+                step: int, lr: float, *, beta1: float = 0.9, beta2: float = 0.999,
+                eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                clamp_value: Optional[float] = None, max_trust_ratio: Optional[float] = None,
+                excluded: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One LAMB update of one tensor at 1-based `step`: returns (new w, new m, new v)."""
     w, g = np.asarray(w), np.asarray(g)
     t = w.dtype.type
@@ -78,11 +86,14 @@ def lamb_update(w, g, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-6, weight_d
         ratio = 1.0
     else:
         u = u + t(weight_decay) * w
-        ratio = lamb_trust_ratio(_norm(w), _norm(u), clamp_value, max_trust_ratio)
+        ratio = lamb_trust_ratio(_norm(w), _norm(u), clamp_value=clamp_value,
+                                 max_trust_ratio=max_trust_ratio)
     return w - t(lr * ratio) * u, m, v
 
 
-def run_reference(kind, weights, grad_fn, lrs, excluded, **hyper):
+def run_reference(kind: str, weights: Sequence[np.ndarray],
+                  grad_fn: Callable[[int, List[np.ndarray]], Sequence[np.ndarray]],
+                  lrs: Sequence[float], excluded: Sequence[bool], **hyper: Any) -> List[np.ndarray]:
     """Apply `len(lrs)` updates of `kind` ('lars' | 'lamb') to a list of tensors.
 
     grad_fn(step_index, weights) -> list of gradients. Returns the final weights (list)."""

@@ -21,13 +21,14 @@ def _positive_int(value, what):
     return value
 
 
-def global_batch(workers, per_worker, accumulation=1):
+def global_batch(workers: int, per_worker: int, accumulation: int = 1) -> int:
     """Samples per optimizer update across all workers."""
     return (_positive_int(workers, "workers") * _positive_int(per_worker, "per-worker batch")
             * _positive_int(accumulation, "accumulation steps"))
 
 
-def scale_lr(base_lr, reference_batch, global_batch, rule="linear"):
+def scale_lr(base_lr: float, reference_batch: int, global_batch: int,
+             rule: str = "linear") -> float:
     """The learning rate for `global_batch` given `base_lr` tuned at `reference_batch`."""
     if not isinstance(base_lr, (int, float)) or isinstance(base_lr, bool) \
             or not math.isfinite(base_lr) or base_lr <= 0:

@@ -20,6 +20,7 @@ Decay from t = W on, with progress p = min(1, (t - W) / (total_steps - W)):
 Every schedule is constant from `total_steps` on, so a finite table describes it exactly.
 """
 import math
+from typing import Any, Mapping, Optional, Tuple, Union
 from dataclasses import dataclass, fields
 
 from hvdscale.errors import ConfigError
@@ -32,9 +33,9 @@ DECAYS = ("constant", "multistep", "cosine", "polynomial", "exponential")
 class LRScheduleSpec:
     warmup: str = "linear"
     warmup_epochs: float = 0.0
-    warmup_steps: int = None
+    warmup_steps: Optional[int] = None
     decay: str = "constant"
-    milestones: tuple = ()
+    milestones: Tuple[float, ...] = ()
     gamma: float = 0.1
     power: float = 2.0
     end_lr: float = 0.0
@@ -42,7 +43,7 @@ class LRScheduleSpec:
     decay_epochs: float = 1.0
 
     @classmethod
-    def from_config(cls, section):
+    def from_config(cls, section: Any) -> "LRScheduleSpec":
         """Build from a recipe's `lr` section (dict or object); keys it does not know
         (e.g. `scaling`) belong to other parts of the recipe and are ignored here."""
         get = section.get if isinstance(section, dict) else (lambda k, d: getattr(section, k, d))
@@ -136,7 +137,8 @@ class LRSchedule:
                 f"base_lr={self.base_lr:g}, peak_lr={self.peak_lr:g}, total_steps={self.total_steps})")
 
 
-def build_lr_schedule(spec, base_lr, peak_lr, steps_per_epoch, total_steps):
+def build_lr_schedule(spec: Union["LRScheduleSpec", Mapping[str, Any]], base_lr: float,
+                      peak_lr: float, steps_per_epoch: int, total_steps: int) -> "LRSchedule":
     """The schedule as a callable step -> lr (see the module docstring for the formulas)."""
     if isinstance(spec, dict):
         spec = LRScheduleSpec.from_config(spec)
