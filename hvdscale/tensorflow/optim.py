@@ -17,6 +17,9 @@ import tensorflow as tf
 from hvdscale.core.exclusions import ExclusionRule
 from hvdscale.errors import ConfigError
 
+# a float or a Keras schedule (e.g. hvdscale.tensorflow.schedule.CoreSchedule)
+LearningRate = Union[float, "keras.optimizers.schedules.LearningRateSchedule"]
+
 
 def _check(cond, message):
     if not cond:
@@ -77,8 +80,10 @@ class LARS(_LayerwiseOptimizer):
                 excluded or a norm is 0);  v = momentum * v + lr * ratio * (g + wd * w);  w -= v
     """
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                 epsilon=1e-8, exclude_1d=True, exclude=(), name="lars", **kwargs):
+    def __init__(self, learning_rate: LearningRate = 0.1, *, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001,
+                 epsilon: float = 1e-8, exclude_1d: bool = True, exclude: Sequence[str] = (),
+                 name: str = "lars", **kwargs: Any):
         super().__init__(learning_rate, weight_decay, exclude_1d, exclude, name, **kwargs)
         self.momentum = _finite(momentum, "momentum", high=1.0)
         self.trust_coefficient = _finite(trust_coefficient, "trust_coefficient")
@@ -122,9 +127,11 @@ class LAMB(_LayerwiseOptimizer):
                 max_trust_ratio if set);  w -= lr * ratio * u
     """
 
-    def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-6, weight_decay=0.01,
-                 bias_correction=True, clamp_value=None, max_trust_ratio=None, exclude_1d=True,
-                 exclude=(), name="lamb", **kwargs):
+    def __init__(self, learning_rate: LearningRate = 1e-3, *, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-6, weight_decay: float = 0.01,
+                 bias_correction: bool = True, clamp_value: Optional[float] = None,
+                 max_trust_ratio: Optional[float] = None, exclude_1d: bool = True,
+                 exclude: Sequence[str] = (), name: str = "lamb", **kwargs: Any):
         super().__init__(learning_rate, weight_decay, exclude_1d, exclude, name, **kwargs)
         self.beta_1 = _finite(beta_1, "beta_1", high=1.0)
         self.beta_2 = _finite(beta_2, "beta_2", high=1.0)
@@ -222,7 +229,6 @@ def _getter(cfg):
 # are already resolved and checked against hvdscale.core.optimizers. sgd/adamw use Keras's
 # decoupled weight decay.
 
-LearningRate = Union[float, "keras.optimizers.schedules.LearningRateSchedule"]
 
 
 def build_sgd(*, learning_rate: LearningRate, momentum: float, nesterov: bool,

@@ -18,7 +18,7 @@ Parameters are excluded from weight decay and from the trust ratio by hvdscale.c
 (1-D by default, plus name regexes when the optimizer gets named parameters).
 """
 import math
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -89,8 +89,9 @@ class LARS(_LayerwiseOptimizer):
                 or a norm is 0);  v = momentum * v + lr * ratio * (g + weight_decay * w);  w -= v
     """
 
-    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                 eps=1e-8, exclude_1d=True, exclude=()):
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, *, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, eps: float = 1e-8,
+                 exclude_1d: bool = True, exclude: Sequence[str] = ()):
         _finite(momentum, "momentum", high=1.0, high_open=True)
         _finite(trust_coefficient, "trust_coefficient")
         _finite(eps, "eps")
@@ -157,9 +158,11 @@ class LAMB(_LayerwiseOptimizer):
     every step) so that no tensor-sized memory is allocated per step.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 bias_correction=True, clamp_value=None, max_trust_ratio=None, exclude_1d=True,
-                 exclude=()):
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, *,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, bias_correction: bool = True,
+                 clamp_value: Optional[float] = None, max_trust_ratio: Optional[float] = None,
+                 exclude_1d: bool = True, exclude: Sequence[str] = ()):
         _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be a pair, got {betas!r}")
         for i, b in enumerate(betas):
             _finite(b, f"betas[{i}]", high=1.0, high_open=True)
