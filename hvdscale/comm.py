@@ -24,6 +24,15 @@ class Comm:
             self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self._calls = 0
 
+    def refresh(self):
+        """Re-read rank and size after Horovod was re-initialised (an elastic reset) and
+        restart the collective names: the ranks of the new world, newcomers included, then
+        name their collectives alike."""
+        if self.hvd is not None:
+            self.rank, self.size = self.hvd.rank(), self.hvd.size()
+            self.local_rank, self.local_size = self.hvd.local_rank(), self.hvd.local_size()
+        self._calls = 0
+
     @property
     def distributed(self):
         return self.hvd is not None and self.size > 1
@@ -82,6 +91,27 @@ class Comm:
         import tensorflow as tf
         return self.hvd.allreduce(tf.constant(arr), op=hop, name=name).numpy()
 
+    def allreduce_async(self, value, op="max"):
+        """Start reducing a small NumPy value and return a handle whose `wait()` gives the
+        result (same rules as allreduce). torch: Horovod's async handle, so the caller does
+        not wait. TensorFlow: the collective runs (blocking) at `wait()` in the calling
+        thread -- horovod.tensorflow has no eager async call, and eager Horovod ops issued
+        from a helper thread at the same time as the main thread's were seen to mix up their
+        names. Every rank must start the same calls in the same order, as for allreduce."""
+        if not self.distributed:
+            return _Done(self.allreduce(value, op=op))
+        if self.framework != "torch":
+            return _Pending(lambda: self.allreduce(value, op=op), np.asarray(value).shape)
+        import torch
+        arr = np.asarray(value)
+        dtype = np.int64 if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool \
+            else np.float64
+        hop = {"average": self.hvd.Average, "sum": self.hvd.Sum,
+               "max": self.hvd.Max, "min": self.hvd.Min}[op]
+        handle = self.hvd.allreduce_async(torch.from_numpy(arr.astype(dtype).reshape(-1)),
+                                          op=hop, name=self._name("async"))
+        return _Pending(lambda: self.hvd.synchronize(handle).numpy(), arr.shape)
+
     def broadcast_object(self, obj, root=0):
         """A picklable object from `root` to every rank."""
         if not self.distributed:
@@ -98,6 +128,28 @@ class Comm:
     def barrier(self):
         if self.distributed:
             self.allreduce(np.int64(0), op="sum")
+
+
+class _Done:
+    """A result that is already there (single process)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+class _Pending:
+    def __init__(self, fetch, shape):
+        self._fetch, self._shape, self._value = fetch, shape, None
+
+    def wait(self):
+        if self._fetch is not None:
+            arr = np.asarray(self._fetch()).reshape(self._shape)
+            self._value = arr.item() if arr.ndim == 0 else arr
+            self._fetch = None
+        return self._value
 
 
 def init_comm(framework, horovod=True):

@@ -2,8 +2,15 @@
 
 One checkpoint is two files in OUT/checkpoints/: the framework's state (`step-00000120.pt`
 for PyTorch, `.npz` for TensorFlow) and a JSON sidecar (`step-00000120.json`) with the loop
-position. Each is written to a temporary file in the same directory, fsynced and renamed, and
-the sidecar is written last, so a sidecar on disk always names a complete state file.
+position and the state file's size. Each is written to a temporary file in the same
+directory, fsynced and renamed, and the sidecar is written last, so a sidecar on disk always
+names a complete state file; `latest()` also checks the size, and skips anything else (a state
+file without a sidecar, a leftover temporary file, a state file of the wrong size).
+
+A write that fails (disk full, read-only directory, quota) raises CheckpointWriteError with
+one line naming the directory; the partial files of that attempt are removed where the
+file system still allows it, and older checkpoints are never touched before a new one is
+complete (pruning runs after the sidecar is in place).
 """
 import json
 import os
@@ -14,6 +21,10 @@ from pathlib import Path
 from hvdscale.errors import ConfigError
 
 SIDECAR = re.compile(r"^step-(\d{8})\.json$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message is one line naming the directory."""
 
 
 def atomic_write(path, data):
@@ -27,8 +38,7 @@ def atomic_write(path, data):
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
     # make the rename itself durable
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -38,19 +48,38 @@ def atomic_write(path, data):
         os.close(dir_fd)
 
 
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:        # gone already, or a read-only file system keeps it
+        pass
+
+
 class CheckpointStore:
     def __init__(self, directory, keep=2):
         self.dir = Path(directory)
         self.keep = keep
 
     def save(self, step, state_bytes, state_suffix, meta):
-        """Write one checkpoint; returns the sidecar path. Called on rank 0 only."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Write one checkpoint; returns the sidecar path. Called on rank 0 only.
+        Raises CheckpointWriteError (the older checkpoints stay as they were)."""
         stem = f"step-{step:08d}"
-        atomic_write(self.dir / f"{stem}{state_suffix}", state_bytes)
-        meta = dict(meta, step=step, state_file=f"{stem}{state_suffix}")
+        state = self.dir / f"{stem}{state_suffix}"
         sidecar = self.dir / f"{stem}.json"
-        atomic_write(sidecar, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        meta = dict(meta, step=step, state_file=state.name, state_size=len(state_bytes))
+        replacing = sidecar.exists()     # the same step again (e.g. preempted at a periodic one)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(state, state_bytes)
+            atomic_write(sidecar, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        except OSError as err:
+            if not replacing:    # a state file without its sidecar would only take space
+                _remove(state)
+            reason = err.strerror or str(err)
+            newest = self._newest_name()
+            raise CheckpointWriteError(
+                f"cannot write checkpoint step {step} to {self.dir}: {reason} "
+                f"[errno {err.errno}]; newest complete checkpoint: {newest or 'none'}") from None
         self._prune()
         return sidecar
 
@@ -62,16 +91,27 @@ class CheckpointStore:
         return [p for _, p in sorted(found)]
 
     def latest(self):
-        """(meta, state_path) of the newest checkpoint, or None when there is none."""
+        """(meta, state_path) of the newest complete checkpoint, or None when there is none."""
         for sidecar in reversed(self.checkpoints()):
             try:
                 meta = json.loads(sidecar.read_text())
             except (OSError, ValueError) as err:
                 raise ConfigError(f"checkpoint {sidecar} is unreadable ({err})") from None
             state = self.dir / meta.get("state_file", "")
-            if state.is_file():
-                return meta, state
+            if not state.is_file():
+                continue
+            size = meta.get("state_size")
+            if size is not None and state.stat().st_size != size:
+                continue         # not the file the sidecar describes: never load a part
+            return meta, state
         return None
+
+    def _newest_name(self):
+        try:
+            hit = self.latest()
+        except (ConfigError, OSError):
+            return None
+        return hit[1].name if hit else None
 
     def _prune(self):
         for sidecar in self.checkpoints()[:-self.keep]:
