@@ -157,11 +157,6 @@ class TrainConfig:
     precision: str = _spec("fp32", str, choices=PRECISIONS)
     # torch.compile / Keras jit_compile of the step; refused where it was not measured faster
     compile: bool = _spec(False, bool)
-    # arithmetic of forward/backward (autocast / Keras mixed policy); weights and optimizer
-    # state stay fp32. fp16 needs a GPU (loss scaling); bf16 runs on CPUs too
-    precision: str = _spec("fp32", str, choices=PRECISIONS)
-    # torch.compile / Keras jit_compile of the step; refused where it was not measured faster
-    compile: bool = _spec(False, bool)
 
 
 @dataclass
@@ -214,8 +209,6 @@ class NoiseScaleConfig:
 class LogConfig:
     tensorboard: bool = _spec(True, bool)
     progress: bool = _spec(True, bool)
-    # the step statistics (loss, non-finite count) are read from the device this often
-    every_steps: int = _spec(20, int, check=_positive, why="must be > 0")
     # the step statistics (loss, non-finite count) are read from the device this often
     every_steps: int = _spec(20, int, check=_positive, why="must be > 0")
 

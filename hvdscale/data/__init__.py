@@ -84,8 +84,7 @@ def _array_batches(cfg: Any, rank: int, size: int, train: Any, test: Any) -> Tup
 def array_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
     """fashion_mnist and synthetic: NumPy arrays in memory."""
     from hvdscale.data.arrays import load_arrays
-    layout = "NCHW" if cfg.framework == "torch" else "NHWC"     # transposed once, here
-    train, test = load_arrays(cfg.data, seed=cfg.train.seed, layout=layout)
+    train, test = load_arrays(cfg.data, seed=cfg.train.seed, layout=_layout(cfg))
     return _array_batches(cfg, rank, size, train, test)
 
 
@@ -105,7 +104,7 @@ def user_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise DataError(f"{where}: the {name} part must be a pair (x, y), got {_kind(pair)}")
         x, y = _check_arrays(cfg, where, name, *pair)
-        split.append(ArrayDataset(x, y))
+        split.append(ArrayDataset(x, y, "NHWC").to_layout(_layout(cfg)))
     return _array_batches(cfg, rank, size, *split)
 
 
