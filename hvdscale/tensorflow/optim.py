@@ -47,6 +47,19 @@ def _norm(x):
     return tf.sqrt(tf.reduce_sum(tf.square(x)))
 
 
+def _handle(variable):
+    """The resource handle under a Keras 3 variable, for TensorFlow's fused training ops."""
+    if isinstance(variable, tf.Variable):
+        return variable.handle
+    return variable.value.handle
+
+
+# TensorFlow's fused training kernels (ResourceApplyAdam, ResourceApplyMomentum,
+# ResourceApplyGradientDescent) each update a variable in one pass over memory, where the same
+# update written as tensor expressions makes a new tensor per operation: on a CPU the LAMB step
+# is bound by that memory traffic (benchmarks/optimizer_step.py).
+
+
 class _LayerwiseOptimizer(keras.optimizers.Optimizer):
     def __init__(self, learning_rate, weight_decay, exclude_1d, exclude, name, **kwargs):
         _check(kwargs.get("weight_decay") is None, "weight_decay is given twice")
@@ -110,8 +123,11 @@ class LARS(_LayerwiseOptimizer):
             ratio = tf.where(trusted, _const(self.trust_coefficient, dtype) * w_norm
                              / (g_norm + wd * w_norm + _const(self.epsilon, dtype)), tf.ones_like(w_norm))
             step = (lr * ratio) * (g + wd * w)
-        self.assign(buf, _const(self.momentum, dtype) * buf + step)
-        self.assign_sub(variable, buf)
+        # buf = momentum * buf + step; w -= buf, in one pass
+        tf.raw_ops.ResourceApplyMomentum(var=_handle(variable), accum=_handle(buf),
+                                         lr=tf.ones([], dtype), grad=step,
+                                         momentum=_const(self.momentum, dtype),
+                                         use_locking=False, use_nesterov=False)
 
     def get_config(self):
         config = super().get_config()
@@ -146,8 +162,57 @@ class LAMB(_LayerwiseOptimizer):
         super().build(var_list)
         self._m = [self.add_variable_from_reference(v, "m") for v in var_list]
         self._v = [self.add_variable_from_reference(v, "v") for v in var_list]
+        # scratch for the direction u of trusted variables: not optimizer state (never saved
+        # or broadcast), reused every step
+        with tf.init_scope():
+            self._u = [None if self.is_excluded(v) else
+                       tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                                   name=f"lamb_u_{i}")
+                       for i, v in enumerate(var_list)]
 
     def update_step(self, gradient, variable, learning_rate):
+        """Three fused passes: Adam's kernel updates m and v and adds the direction r to
+        u = wd * w (lr = -1 turns its subtraction into an addition; its epsilon sits outside
+        the bias-corrected sqrt, hence eps * sqrt(bc2)), the norms, then w -= lr * ratio * u
+        by the gradient-descent kernel. An excluded variable is plain Adam: one pass."""
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        g = tf.cast(tf.convert_to_tensor(gradient), dtype)
+        i = self._get_variable_index(variable)
+        b1, b2 = _const(self.beta_1, dtype), _const(self.beta_2, dtype)
+        if self.bias_correction:
+            t = tf.cast(self.iterations + 1, dtype)
+            b1_power, b2_power = tf.pow(b1, t), tf.pow(b2, t)
+        else:
+            b1_power = b2_power = tf.zeros([], dtype)
+        eps = _const(self.epsilon, dtype) * tf.sqrt(1 - b2_power)
+        u = self._u[i]
+        if u is None:      # excluded: w -= lr * r
+            tf.raw_ops.ResourceApplyAdam(
+                var=_handle(variable), m=_handle(self._m[i]), v=_handle(self._v[i]),
+                beta1_power=b1_power, beta2_power=b2_power, lr=lr, beta1=b1, beta2=b2,
+                epsilon=eps, grad=g, use_locking=False, use_nesterov=False)
+            return
+        w = tf.convert_to_tensor(variable)
+        u.assign(_const(self.layerwise_weight_decay, dtype) * w)
+        tf.raw_ops.ResourceApplyAdam(
+            var=u.handle, m=_handle(self._m[i]), v=_handle(self._v[i]), beta1_power=b1_power,
+            beta2_power=b2_power, lr=-tf.ones([], dtype), beta1=b1, beta2=b2, epsilon=eps,
+            grad=g, use_locking=False, use_nesterov=False)
+        direction = u.read_value()
+        w_norm, u_norm = tf.norm(w), tf.norm(direction)
+        if self.clamp_value is not None:
+            w_norm = tf.minimum(w_norm, _const(self.clamp_value, dtype))
+        trusted = tf.logical_and(w_norm > 0, u_norm > 0)
+        ratio = tf.where(trusted, w_norm / tf.where(trusted, u_norm, tf.ones_like(u_norm)),
+                         tf.ones_like(w_norm))
+        if self.max_trust_ratio is not None:
+            ratio = tf.minimum(ratio, _const(self.max_trust_ratio, dtype))
+        tf.raw_ops.ResourceApplyGradientDescent(var=_handle(variable), alpha=lr * ratio,
+                                                delta=direction, use_locking=False)
+
+    def _update_step_expressions(self, gradient, variable, learning_rate):
+        """The same update as tensor expressions (the reference form; slower on CPU)."""
         dtype = variable.dtype
         lr = tf.cast(learning_rate, dtype)
         g = tf.cast(tf.convert_to_tensor(gradient), dtype)
