@@ -211,41 +211,6 @@ class LAMB(_LayerwiseOptimizer):
         tf.raw_ops.ResourceApplyGradientDescent(var=_handle(variable), alpha=lr * ratio,
                                                 delta=direction, use_locking=False)
 
-    def _update_step_expressions(self, gradient, variable, learning_rate):
-        """The same update as tensor expressions (the reference form; slower on CPU)."""
-        dtype = variable.dtype
-        lr = tf.cast(learning_rate, dtype)
-        g = tf.cast(tf.convert_to_tensor(gradient), dtype)
-        w = tf.convert_to_tensor(variable)
-        i = self._get_variable_index(variable)
-        b1, b2 = _const(self.beta_1, dtype), _const(self.beta_2, dtype)
-        m = b1 * self._m[i] + (1 - b1) * g
-        v = b2 * self._v[i] + (1 - b2) * g * g
-        self.assign(self._m[i], m)
-        self.assign(self._v[i], v)
-        eps = _const(self.epsilon, dtype)
-        if self.bias_correction:
-            # (m / bc1) / (sqrt(v / bc2) + eps) = d / c with d = m / (sqrt(v) + eps * sqrt(bc2)),
-            # c = bc1 / sqrt(bc2): scalars instead of two tensor-sized divisions
-            t = tf.cast(self.iterations + 1, dtype)
-            bc1, sqrt_bc2 = 1 - tf.pow(b1, t), tf.sqrt(1 - tf.pow(b2, t))
-            c, eps = bc1 / sqrt_bc2, eps * sqrt_bc2
-        else:
-            c = tf.ones([], dtype)
-        d = m / (tf.sqrt(v) + eps)  # c * r
-        if self.is_excluded(variable):
-            self.assign_sub(variable, (lr / c) * d)
-            return
-        d = d + (_const(self.layerwise_weight_decay, dtype) * c) * w  # c * u
-        w_norm, u_norm = _norm(w), _norm(d) / c
-        if self.clamp_value is not None:
-            w_norm = tf.minimum(w_norm, _const(self.clamp_value, dtype))
-        trusted = tf.logical_and(w_norm > 0, u_norm > 0)
-        ratio = tf.where(trusted, w_norm / tf.where(trusted, u_norm, tf.ones_like(u_norm)), tf.ones_like(w_norm))
-        if self.max_trust_ratio is not None:
-            ratio = tf.minimum(ratio, _const(self.max_trust_ratio, dtype))
-        self.assign_sub(variable, (lr * ratio / c) * d)
-
     def get_config(self):
         config = super().get_config()
         config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
