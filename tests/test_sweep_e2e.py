@@ -30,7 +30,8 @@ def test_tiny_study_end_to_end(tmp_path):
                   "--batch-sizes", "16,64,256", "--target", "0.6", "--seeds", "1,2",
                   "--train-limit", "3000", "--eval-examples", "500", "--expected-epochs", "0.3",
                   "--accuracy-epochs", "0.3", "--probe", "16x16", "--bootstrap", "20",
-                  "--max-extend", "1", "--noise-every", "4", "--threads", "1", "--out", out)
+                  "--max-extend", "1", "--noise-every", "4", "--threads", "1", "--jobs", "2",
+                  "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     headline = json.loads(proc.stdout.strip().splitlines()[-1])
     payload = json.loads((out / "results.json").read_text())

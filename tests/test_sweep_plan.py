@@ -23,6 +23,10 @@ def lr_opt(batch):
     return 0.06 * batch / 32         # the stand-in's best lr: linear in B, 6x the recipe's
 
 
+def acc_opt(batch):
+    return lr_opt(batch) / 2         # a long run prefers a gentler lr than the fastest one
+
+
 def steps_model(batch, lr):
     base = 40 + 20000 / batch
     return base * (1 + math.log(lr / lr_opt(batch)) ** 2)
@@ -41,7 +45,8 @@ def fake_train(calls):
                                  math.log(cfg.lr / lr_opt(cfg.batch_size))), 1.0)])
         return RunResult(status="reached", steps_to_target=steps, steps_run=int(steps) + 1,
                          evals=[(0, 0.1, None), (int(steps) + 1, 0.9, 0.3)],
-                         accuracy_at_budget=0.85 - 0.00001 * cfg.batch_size)
+                         accuracy_at_budget=None if not cfg.accuracy_epochs else
+                         0.85 - 0.01 * abs(math.log(cfg.lr / acc_opt(cfg.batch_size))))
     return train
 
 
@@ -70,6 +75,12 @@ def test_lr_is_tuned_per_batch_size_with_edge_extension(study):
         assert abs(math.log2(chosen / lr_opt(b))) <= 0.5 + 1e-9     # the best on the grid
     # B_ref's grid started at the recipe's lr (0.02 at 64 -> 0.01 at 32) and had to grow
     assert len(info["lr_grid"]["32"]) > 3
+    # the accuracy at the budget is tuned too, and its best lr is re-run with the fresh seeds
+    for b in (32, 128, 512, 2048):
+        chosen = info["chosen_lr_accuracy"][str(b)]
+        assert abs(math.log2(chosen / acc_opt(b))) <= 0.5 + 1e-9
+        acc_runs = [r for r in st.runs if r["role"] == "accuracy" and r["batch_size"] == b]
+        assert {r["seed"] for r in acc_runs} == {1, 2, 3} and {r["lr"] for r in acc_runs} == {chosen}
 
 
 def test_measurement_uses_fresh_seeds_and_stated_budgets(study):
@@ -92,7 +103,7 @@ def test_measurement_uses_fresh_seeds_and_stated_budgets(study):
         assert r["budget_steps"] >= min(3 * need, cap) - 1
         assert r["eval_every"] <= 0.05 * need * prev / b + 1        # <= 5 % of the fewest steps
         assert r["steps_to_target"] < r["budget_steps"]
-    assert all(c.accuracy_epochs for c in calls if c.seed != settings.tune_seed)
+    assert all(c.accuracy_epochs for c in calls if c.seed == settings.tune_seed)
 
 
 def test_crossing_is_interpolated():

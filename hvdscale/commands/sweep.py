@@ -48,7 +48,10 @@ def add_arguments(parser):
     parser.add_argument("--train-limit", type=int, default=None,
                         help="use only the first N training images")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder")
-    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch threads per process (1: no OpenMP spin-waits on shared cores)")
+    parser.add_argument("--jobs", type=int, default=d.jobs,
+                        help="settings trained in parallel processes")
     parser.add_argument("--bootstrap", type=int, default=d.bootstrap)
     parser.add_argument("--out", default="runs/sweep", help="folder for results.json")
     parser.add_argument("--report-dir", default=None,
@@ -83,6 +86,7 @@ def settings_from_args(args):
     for name, value, low in (("--eval-examples", args.eval_examples, 100),
                              ("--noise-every", args.noise_every, 0), ("--probe count", count, 2),
                              ("--probe micro", micro, 1), ("--threads", args.threads, 1),
+                             ("--jobs", args.jobs, 1),
                              ("--bootstrap", args.bootstrap, 10), ("--max-extend", args.max_extend, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -101,6 +105,7 @@ def settings_from_args(args):
         lr_factor=args.lr_factor, max_extend=args.max_extend, probe_micro=micro,
         probe_count=count, noise_every=args.noise_every, eval_examples=args.eval_examples,
         train_limit=args.train_limit, data_root=args.data_root, threads=args.threads,
+        jobs=args.jobs,
         bootstrap=args.bootstrap)
     check(settings)
     return settings
@@ -134,13 +139,14 @@ def run(args):
         print(f"hvdscale sweep: load average {load_start}", file=sys.stderr)
         start = time.time()
         study = sweep.Study(settings, out, log=lambda m: print(m, file=sys.stderr, flush=True))
-        study.run()
+        study.run(jobs=settings.jobs)
         results = [analysis.analyse_setting(study.runs, info, bootstrap=settings.bootstrap)
                    for info in study.settings_out.values()]
         payload = {
             "meta": {"command": command, "machine": machine(), "load_start": load_start,
                      "load_end": _load(), "date": datetime.date.today().isoformat(),
-                     "wall_s": time.time() - start, "runs": len(study.runs),
+                     "wall_s": time.time() - start, "cpu_s": study.cpu_s,
+                     "jobs": settings.jobs, "runs": len(study.runs),
                      "data": "Fashion-MNIST (" + (f"first {settings.train_limit}"
                                                    if settings.train_limit else "60000")
                              + " training images)",

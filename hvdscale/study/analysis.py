@@ -43,7 +43,8 @@ def accuracy_table(runs, setting):
     """batch -> {"mean", "std", "n", "values"} of the accuracy at the fixed epoch budget."""
     by = {}
     for r in runs:
-        if r["setting"] == setting and r["role"] == "measure":
+        if r["setting"] == setting and r["role"] in ("measure", "accuracy") and \
+                r["accuracy_at_budget"] is not None:
             acc = r["accuracy_at_budget"]
             by.setdefault(r["batch_size"], []).append(0.0 if acc is None else acc)
     table = {}
@@ -110,6 +111,7 @@ def analyse_setting(runs, info, bootstrap=300):
         "seeds": len({r["seed"] for r in runs if r["setting"] == label and r["role"] == "measure"}),
         "lr_grid": info["lr_grid"],
         "chosen_lr": info["chosen_lr"],
+        "chosen_lr_accuracy": info["chosen_lr_accuracy"],
         "scaling": info["scaling"],
         "b_crit": {"estimate": fit.b_crit if fit else None, "ci_low": lo, "ci_high": hi},
         "s_min": fit.s_min if fit else None,

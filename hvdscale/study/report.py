@@ -60,8 +60,9 @@ def render(payload, plots):
              f"- command: `{meta['command']}`",
              f"- machine: {meta['machine']}; load average at start {meta['load_start']}, "
              f"at end {meta['load_end']}",
-             f"- date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min "
-             f"({meta['runs']} training runs)",
+             f"- date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min, CPU time "
+             f"{meta.get('cpu_s', 0) / 60:.1f} min in {meta.get('jobs', 1)} worker process(es) "
+             f"of one torch thread ({meta['runs']} training runs)",
              f"- data: {meta['data']}; held-out subset for steps-to-target: "
              f"{meta['eval_examples']} fixed test images; accuracy at the budget: all "
              f"10000 test images",
@@ -118,7 +119,8 @@ def render(payload, plots):
             row = s["accuracy_at_budget"].get(str(b))
             cells.append("-" if row is None else f"{100 * row['mean']:.2f} +- {100 * row['std']:.2f}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "## Learning rates (tuned per batch size; chosen one in bold)", "",
+    lines += ["", "## Learning rates tried per batch size (bold: fewest steps to target; "
+              "+: best accuracy at the epoch budget)", "",
               "| batch | " + " | ".join(s["setting"] for s in settings) + " |",
               "|---:|" + "---|" * len(settings)]
     for b in batches:
@@ -126,7 +128,9 @@ def render(payload, plots):
         for s in settings:
             grid = s["lr_grid"].get(str(b), [])
             chosen = s["chosen_lr"].get(str(b))
-            cells.append(", ".join(f"**{v:.3g}**" if v == chosen else f"{v:.3g}" for v in grid))
+            chosen_acc = s.get("chosen_lr_accuracy", {}).get(str(b))
+            cells.append(", ".join((f"**{v:.3g}**" if v == chosen else f"{v:.3g}")
+                                   + ("+" if v == chosen_acc else "") for v in grid))
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{name}]({name})" for name in plots] + [""]
     lines += ["## Runs", "",

@@ -8,14 +8,16 @@ Plan, per optimizer setting (one recipe) and global batch size B, smallest first
   `eval_fraction` of the perfect-scaling lower bound S(B_prev) B_prev / B (so at most that
   fraction of the real need); warm-up `warmup_fraction` of the expected need.
 - learning rates: 3 log-spaced points (factor `lr_factor`) around the previous batch size's
-  best, scaled by the recipe's rule (linear for SGD, sqrt for LARS/LAMB); while the best is
-  at an edge of the tried points, one more point beyond that edge (up to `max_extend`).
-  Each tuning run uses seed `tune_seed` and stops at the target; the best is the one with the
-  fewest steps to the target (a diverged run is never best).
-- measurement: the best learning rate re-run with the fresh `seeds` (not the tuning seed,
-  so the winner's lucky draw does not bias the steps). These runs also train to the fixed
-  accuracy budget (`accuracy_epochs`), and at B_ref keep the weights at the target for
-  the noise probe.
+  best, scaled by the recipe's rule (linear for SGD, sqrt for LARS/LAMB); while a best is at an
+  edge of the tried points, one more point beyond that edge (up to `max_extend`). Each tuning
+  run uses seed `tune_seed`; it stops at the target once it has also trained the fixed
+  accuracy budget (`accuracy_epochs`: constant lr for the first half, then a branch whose lr
+  decays linearly to 0). Two bests: the fewest steps to the target (a diverged run is never
+  best) and the highest accuracy at the budget; a low target favours bolder lrs than a long
+  run can bear, so they may differ.
+- measurement: each best re-run with the fresh `seeds` (not the tuning seed, so the winner's
+  lucky draw does not bias them): role `measure` (steps to target; at B_ref the weights at the
+  target for the noise probe) and, when the accuracy best differs, role `accuracy`.
 Every run is in this process (hvdscale.study.inproc): the global batch is what matters.
 """
 import json
@@ -53,6 +55,7 @@ class StudySettings:
     train_limit: int = None
     data_root: str = None
     threads: int = 1
+    jobs: int = 3
     bootstrap: int = 300
 
 
@@ -124,17 +127,21 @@ class Study:
     def __init__(self, settings, out_dir, log=print, data=None):
         import torch
 
-        from hvdscale.study.inproc import load_data
-
         self.s = settings
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = log
         torch.set_num_threads(max(1, settings.threads))
-        self.data = data if data is not None else \
-            load_data(settings.data_root, settings.eval_examples, settings.train_limit)
+        self._data = data
         self.runs = []           # every run's record (results.json "runs")
         self.settings_out = {}   # per setting: lr grids, chosen lrs, probes
+
+    @property
+    def data(self):
+        if self._data is None:      # loaded on first use (not in a parent of worker processes)
+            from hvdscale.study.inproc import load_data
+            self._data = load_data(self.s.data_root, self.s.eval_examples, self.s.train_limit)
+        return self._data
 
     # ---------------------------------------------------------------- one run
     def _run(self, setting, batch, lr, seed, role, budget, eval_every, warmup, **extra):
@@ -172,7 +179,8 @@ class Study:
         b_ref = s.batch_sizes[0]
         center = scaled(setting.base_lr, setting.reference_batch, b_ref, setting.scaling)
         out = {"setting": setting.label, "optimizer": setting.optimizer, "recipe": str(recipe),
-               "scaling": setting.scaling, "lr_grid": {}, "chosen_lr": {}, "probes": []}
+               "scaling": setting.scaling, "lr_grid": {}, "chosen_lr": {}, "chosen_lr_accuracy": {},
+               "probes": []}
         prev = None        # (batch, steps at that batch)
         for batch in s.batch_sizes:
             per_epoch = n // batch
@@ -185,35 +193,41 @@ class Study:
             eval_every = max(1, int(s.eval_fraction * floor))
             warmup = int(round(s.warmup_fraction * floor))
             tried = {}
+
+            def tune(lr):
+                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
+                                         eval_every, warmup, accuracy_epochs=s.accuracy_epochs)
+
             for lr in (center / s.lr_factor, center, center * s.lr_factor):
-                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
-                                         eval_every, warmup)
+                tune(lr)
             for _ in range(s.max_extend):
-                best = _best_lr(tried)
                 ordered = sorted(tried)
-                if best == ordered[0]:
-                    lr = ordered[0] / s.lr_factor
-                elif best == ordered[-1]:
-                    lr = ordered[-1] * s.lr_factor
-                else:
+                edge = next((b for b in (_best_lr(tried), _best_lr_accuracy(tried))
+                             if b in (ordered[0], ordered[-1])), None)
+                if edge is None:
                     break
-                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
-                                         eval_every, warmup)
-            best = _best_lr(tried)
+                tune(ordered[0] / s.lr_factor if edge == ordered[0] else
+                     ordered[-1] * s.lr_factor)
+            best, best_acc = _best_lr(tried), _best_lr_accuracy(tried)
             out["lr_grid"][str(batch)] = sorted(tried)
             out["chosen_lr"][str(batch)] = best
+            out["chosen_lr_accuracy"][str(batch)] = best_acc
             steps = []
+            first = batch == b_ref
             for seed in s.seeds:
-                first = batch == b_ref
-                extra = dict(accuracy_epochs=s.accuracy_epochs,
-                             keep_target_state=first, noise_every=s.noise_every if first else 0)
+                extra = dict(keep_target_state=first, noise_every=s.noise_every if first else 0)
                 if first and seed == s.seeds[0]:
                     extra["snapshot_every"] = max(1, budget // (3 * s.probe_snapshots))
+                if best_acc == best:     # one run measures both
+                    extra["accuracy_epochs"] = s.accuracy_epochs
                 record, res = self._run(setting, batch, best, seed, "measure", budget,
                                         eval_every, warmup, **extra)
                 steps.append(res.steps_to_target if res.reached else res.steps_run)
                 if first:
                     self._probe(setting, out, seed, res)
+                if best_acc != best:
+                    self._run(setting, batch, best_acc, seed, "accuracy", budget, eval_every,
+                              warmup, accuracy_epochs=s.accuracy_epochs)
             prev = (batch, _median(steps))
             if batch != s.batch_sizes[-1]:
                 nxt = s.batch_sizes[s.batch_sizes.index(batch) + 1]
@@ -254,13 +268,43 @@ class Study:
         entry["over_training"] = trace
         out["probes"].append(entry)
 
-    def run(self):
+    def run(self, jobs=1):
+        """Every setting; with jobs > 1 the settings run in parallel worker processes (one
+        torch thread each), the way to use several cores without OpenMP barriers."""
         start = time.time()
-        for recipe in self.s.recipes:
-            self.log(f"setting {recipe}")
-            self.run_setting(recipe)
+        cpu = time.process_time()
+        if jobs <= 1 or len(self.s.recipes) == 1:
+            for recipe in self.s.recipes:
+                self.log(f"setting {recipe}")
+                self.run_setting(recipe)
+            self.cpu_s = time.process_time() - cpu
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")     # no forked torch thread pools
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                results = list(pool.map(_run_one_setting,
+                                        [(self.s, str(self.out), r) for r in self.s.recipes]))
+            self.cpu_s = 0.0
+            for runs, info, cpu_s in results:
+                self.runs += runs
+                self.settings_out[info["setting"]] = info
+                self.cpu_s += cpu_s
         self.wall_s = time.time() - start
         return self.runs
+
+
+def _run_one_setting(job):
+    """Worker process: one setting's tuning, measurement and probes."""
+    import sys
+
+    settings, out, recipe = job
+    cpu = time.process_time()
+    study = Study(settings, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    study.log(f"setting {recipe}")
+    info = study.run_setting(recipe)
+    return study.runs, info, time.process_time() - cpu
 
 
 def _probe_record(p, step):
@@ -288,6 +332,12 @@ def _best_lr(tried):
             return (1, -r["best_eval_accuracy"])
         return (2, -lr)
     return min(tried.items(), key=key)[0]
+
+
+def _best_lr_accuracy(tried):
+    """Highest test accuracy at the fixed epoch budget (fewer steps to target breaks ties)."""
+    return max(tried.items(), key=lambda item: (item[1]["accuracy_at_budget"] or 0.0,
+                                                -(item[1]["steps_to_target"] or 1e12)))[0]
 
 
 def _median(values):
