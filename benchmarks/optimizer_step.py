@@ -2,10 +2,18 @@
 
 Ours (hvdscale.torch / hvdscale.tensorflow LARS and LAMB) against the peers that import here, in
 the same run: torch-optimizer's Lamb and LARS, timm's Lamb/Lars if installed, a plain
-per-parameter loop (the textbook implementation), and Keras's own Lamb for TF. Each step is
-timed after warm-up; the table gives the median (and min) wall time and peer / ours.
+per-parameter loop (the textbook implementation), and Keras's own Lamb for TF.
 
-    python benchmarks/optimizer_step.py [--steps 7] [--threads 2] [--skip-tf]
+On a CPU these steps are bound by memory traffic, so each implementation is also given the
+bytes it moves per fp32 parameter (reads + writes, counted from its code, see BYTES) and its
+achieved bandwidth as a fraction of a plain copy of the parameter set timed in the same rounds
+(`bandwidth_fraction` = (bytes moved / step time) / (copy bytes / copy time)).
+
+Noise: all implementations of a backend are built first, then timed in interleaved rounds
+(each round times one step of each, and one copy), so drifting load from other jobs hits them
+alike; the table gives the median, min and max over the rounds and peer / ours of the medians.
+
+    python benchmarks/optimizer_step.py [--steps 9] [--threads 2] [--skip-tf]
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -53,15 +61,52 @@ def _optional(module):
         return None
 
 
-def timed(step, steps, warmup=2):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), 1e3 * min(times)
+# Bytes read + written per fp32 parameter by one step, counted from each implementation's
+# code (4 bytes per element per tensor read or written; a new temporary is written once and
+# read once). Norms read their tensor once. The minimum for LAMB is 40 (one pass reading g, m,
+# v, w and writing m, v while the norms accumulate, one pass re-reading m, v, w to write w);
+# for LARS 28 (the norms of w and g, then one pass reading w, g, buf and writing buf, w).
+BYTES = {
+    ("torch", "LAMB", "hvdscale (ours)"): 56,       # u=wd*w 8, fused Adam 28, norms 8, w+=a*u 12
+    ("torch", "LAMB", "torch-optimizer Lamb"): 100,
+    ("torch", "LAMB", "timm Lamb"): None,
+    ("torch", "LAMB", "per-parameter loop"): 132,
+    ("torch", "LARS", "hvdscale (ours)"): 28,       # norms 8, fused SGD pass 20
+    ("torch", "LARS", "torch-optimizer LARS"): 60,
+    ("torch", "LARS", "timm Lars"): None,
+    ("torch", "LARS", "per-parameter loop"): 68,
+    ("tensorflow", "LAMB", "hvdscale (ours)"): 64,  # wd*w 8, assign 8, ApplyAdam 28, norms 8,
+                                                    # ApplyGradientDescent 12
+    ("tensorflow", "LAMB", "keras.optimizers.Lamb"): 160,
+    ("tensorflow", "LARS", "hvdscale (ours)"): 56,  # norms 8, step 28, ApplyMomentum 20
+}
+# A copy reads and writes each parameter once (8 bytes). On x86 its stores also read the
+# destination line first (read-for-ownership), which an in-place update (m.mul_(), w -= ...)
+# does not pay, so a kernel of in-place passes can exceed a fraction of 1.
+COPY_BYTES = 8
+
+
+def interleaved(steps_by_name, rounds, warmup=2):
+    """Time one call of each step function per round, `rounds` rounds after `warmup` calls
+    each; {name: [ms, ...]}."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps_by_name}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def torch_copy(shapes):
+    """A copy of the whole parameter set (161 tensors), the bandwidth reference."""
+    import torch
+    src = [torch.randn(s) for _, s in shapes]
+    dst = [torch.empty(s) for _, s in shapes]
+    return lambda: torch._foreach_copy_(dst, src)
 
 
 def torch_rows(shapes, steps, threads):
@@ -140,13 +185,20 @@ def torch_rows(shapes, steps, threads):
     if timm_optim:
         rows.append(("LARS", "timm Lars", lambda: timm_optim.Lars(params(), lr=0.1, weight_decay=1e-4)))
     rows.append(("LARS", "per-parameter loop", lambda: LoopLars(params(), lr=0.1)))
-    out = []
-    for opt_name, impl, make in rows:
-        opt = make()
-        med, low = timed(opt.step, steps)
-        out.append(dict(optimizer=opt_name, backend="torch", impl=impl, median_ms=med, min_ms=low))
-        del opt
-    return out
+    steps_by_name = {(opt_name, impl): make().step for opt_name, impl, make in rows}
+    steps_by_name["copy"] = torch_copy(shapes)
+    times = interleaved(steps_by_name, steps)
+    return [row("torch", opt_name, impl, times[(opt_name, impl)], times["copy"])
+            for opt_name, impl, _ in rows]
+
+
+def row(backend, opt_name, impl, times, copy_times):
+    bytes_per_param = BYTES.get((backend, opt_name, impl))
+    med, copy_med = statistics.median(times), statistics.median(copy_times)
+    return dict(optimizer=opt_name, backend=backend, impl=impl, median_ms=med, min_ms=min(times),
+                max_ms=max(times), bytes_per_param=bytes_per_param, copy_ms=copy_med,
+                bandwidth_fraction=(bytes_per_param / COPY_BYTES) * copy_med / med
+                if bytes_per_param else None)
 
 
 def tf_rows(shapes, steps, threads):
@@ -165,44 +217,62 @@ def tf_rows(shapes, steps, threads):
     if hasattr(keras.optimizers, "Lamb"):
         rows.append(("LAMB", "tensorflow", "keras.optimizers.Lamb", lambda: keras.optimizers.Lamb(learning_rate=1e-3)))
     rows.append(("LARS", "tensorflow", "hvdscale (ours)", lambda: LARS(learning_rate=0.1, weight_decay=1e-4)))
-    out = []
-    for opt_name, backend, impl, make in rows:
-        variables = [keras.Variable(w, name=n.replace(".", "_")) for (n, _), w in zip(shapes, weights)]
-        opt = make()
+    def compiled(opt, variables):
+        opt.build(variables)
 
         @tf.function
         def step():
             opt.apply_gradients(zip(grads, variables))
+        return step
 
-        med, low = timed(step, steps)
-        out.append(dict(optimizer=opt_name, backend=backend, impl=impl, median_ms=med, min_ms=low))
-    return out
+    steps_by_name = {}
+    for opt_name, backend, impl, make in rows:
+        variables = [keras.Variable(w, name=n.replace(".", "_")) for (n, _), w in zip(shapes, weights)]
+        steps_by_name[(opt_name, impl)] = compiled(make(), variables)
+    steps_by_name["copy"] = torch_copy(shapes)
+    times = interleaved(steps_by_name, steps)
+    return [row(backend, opt_name, impl, times[(opt_name, impl)], times["copy"])
+            for opt_name, backend, impl, _ in rows]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (median reported)")
+    ap.add_argument("--steps", type=int, default=9,
+                    help="interleaved timed rounds (median, min and max reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-tf", action="store_true")
     args = ap.parse_args(argv)
     shapes = resnet50_shapes()
     n_params = sum(math.prod(s) for _, s in shapes)
+    load_start = os.getloadavg()
     print(f"ResNet-50 parameter set: {n_params / 1e6:.2f}M parameters in {len(shapes)} tensors; "
           f"{args.threads} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"median of {args.steps} steps after 2 warm-up steps")
+          f"{args.steps} interleaved rounds after 2 warm-up steps")
     rows = torch_rows(shapes, args.steps, args.threads)
     if not args.skip_tf:
         rows += tf_rows(shapes, args.steps, args.threads)
+    load_end = os.getloadavg()
     ours = {(r["optimizer"], r["backend"]): r["median_ms"] for r in rows if r["impl"] == "hvdscale (ours)"}
-    print(f"{'optimizer':9s} {'backend':10s} {'implementation':24s} {'median ms':>10s} {'min ms':>8s} {'peer/ours':>9s}")
+    print(f"{'optimizer':9s} {'backend':10s} {'implementation':24s} {'median ms':>10s} {'min ms':>8s} "
+          f"{'max ms':>8s} {'peer/ours':>9s} {'B/param':>7s} {'bw frac':>7s}")
     for r in rows:
         r["peer_over_ours"] = r["median_ms"] / ours[(r["optimizer"], r["backend"])]
+        frac = f"{r['bandwidth_fraction']:7.2f}" if r["bandwidth_fraction"] else f"{'-':>7s}"
         print(f"{r['optimizer']:9s} {r['backend']:10s} {r['impl']:24s} {r['median_ms']:10.1f} {r['min_ms']:8.1f} "
-              f"{r['peer_over_ours']:9.2f}")
-    summary = {"params": n_params, "tensors": len(shapes), "threads": args.threads}
+              f"{r['max_ms']:8.1f} {r['peer_over_ours']:9.2f} {r['bytes_per_param'] or '-':>7} {frac}")
+    copy_ms = statistics.median(r["copy_ms"] for r in rows)
+    print(f"copy of the parameter set ({COPY_BYTES * n_params / 1e6:.0f} MB moved): {copy_ms:.1f} ms "
+          f"= {COPY_BYTES * n_params / copy_ms / 1e6:.1f} GB/s; load average {load_start} -> {load_end}")
+    summary = {"params": n_params, "tensors": len(shapes), "threads": args.threads,
+               "rounds": args.steps, "copy_ms": round(copy_ms, 2),
+               "load_start": [round(x, 2) for x in load_start],
+               "load_end": [round(x, 2) for x in load_end]}
     for r in rows:
         key = f"{r['backend']}_{r['optimizer']}_{r['impl'].split(' ')[0].lower().replace('.', '_')}"
         summary[key + "_ms"] = round(r["median_ms"], 2)
+        summary[key + "_spread"] = round((r["max_ms"] - r["min_ms"]) / r["median_ms"], 3)
+        if r["bandwidth_fraction"] is not None:
+            summary[key + "_bandwidth_fraction"] = round(r["bandwidth_fraction"], 3)
         if r["impl"] != "hvdscale (ours)":
             summary[key + "_over_ours"] = round(r["peer_over_ours"], 3)
     print(json.dumps(summary))
