@@ -2,7 +2,7 @@
 
 One API for the engine, whatever the source and framework:
 
-    loader = build_train_loader(cfg.data, "torch", batch_size, rank, size, seed)
+    loader = build_train_loader(cfg.data, "torch", batch_size, rank, size, seed=seed)
     for images, labels in loader:      # one epoch: exactly loader.steps_per_epoch batches
         ...
 
@@ -23,6 +23,7 @@ works; otherwise through `hvdscale.data.tfdata`, the same augmentations written 
 """
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -348,19 +349,23 @@ def _cfg(cfg_data, name, default=None):
     return getattr(cfg_data, name, default)
 
 
-def build_train_loader(cfg_data, framework, batch_size, rank=0, size=1, seed=0, **options):
+def build_train_loader(cfg_data: Any, framework: str, batch_size: int, rank: int = 0,
+                       size: int = 1, *, seed: int = 0, **options: Any) -> Any:
     """This rank's training batches for `cfg_data.kind` imagefolder | fashion_mnist | synthetic."""
-    return _build(cfg_data, framework, batch_size, rank, size, seed, True, **options)
+    return _build(cfg_data, framework, batch_size=batch_size, rank=rank, size=size, seed=seed,
+                  train=True, **options)
 
 
-def build_eval_loader(cfg_data, framework, batch_size, rank=0, size=1, seed=0, **options):
+def build_eval_loader(cfg_data: Any, framework: str, batch_size: int, rank: int = 0,
+                      size: int = 1, *, seed: int = 0, **options: Any) -> Any:
     """This rank's evaluation batches: every image on exactly one rank, once."""
-    return _build(cfg_data, framework, batch_size, rank, size, seed, False, **options)
+    return _build(cfg_data, framework, batch_size=batch_size, rank=rank, size=size, seed=seed,
+                  train=False, **options)
 
 
-def _build(cfg_data, framework, batch_size, rank, size, seed, train, num_threads=1, local_rank=0,
-           fp16=False, augment=None, tf_backend="auto", check="markers", check_threads=1,
-           channels_last=False):
+def _build(cfg_data, framework, *, batch_size, rank, size, seed, train, num_threads=1,
+           local_rank=0, fp16=False, augment=None, tf_backend="auto", check="markers",
+           check_threads=1, channels_last=False):
     """Options: num_threads (DALI CPU threads), local_rank (GPU for mixed decoding), fp16,
     augment (an Augment), tf_backend (auto | dali | tfdata), check (imagefolder file check
     when skip_corrupt is off: name | markers | decode), channels_last (torch: NCHW-shaped
@@ -375,12 +380,16 @@ def _build(cfg_data, framework, batch_size, rank, size, seed, train, num_threads
     kind = _cfg(cfg_data, "kind", "imagefolder")
     decode = decode_device(_cfg(cfg_data, "decode", "auto"))
     if kind == "imagefolder":
-        loader = _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train,
-                                decode, num_threads, local_rank, fp16, augment, tf_backend,
-                                check, check_threads, channels_last)
+        loader = _folder_loader(cfg_data, framework, batch_size=batch_size, rank=rank, size=size,
+                                seed=seed, train=train, decode=decode, num_threads=num_threads,
+                                local_rank=local_rank, fp16=fp16, augment=augment,
+                                tf_backend=tf_backend, check=check, check_threads=check_threads,
+                                channels_last=channels_last)
     elif kind in ("fashion_mnist", "synthetic"):
-        loader = _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode,
-                               num_threads, local_rank, fp16, augment, channels_last)
+        loader = _array_loader(cfg_data, framework, batch_size=batch_size, rank=rank, size=size,
+                               seed=seed, train=train, decode=decode, num_threads=num_threads,
+                               local_rank=local_rank, fp16=fp16, augment=augment,
+                               channels_last=channels_last)
     else:
         raise ConfigError(f"data.kind {kind!r} has no DALI pipeline "
                           f"(imagefolder, fashion_mnist or synthetic)")
@@ -412,8 +421,8 @@ def list_split(cfg_data, train, check="markers", threads=1):
     return listing
 
 
-def _folder_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode, num_threads,
-                   local_rank, fp16, augment, tf_backend, check, check_threads,
+def _folder_loader(cfg_data, framework, *, batch_size, rank, size, seed, train, decode,
+                   num_threads, local_rank, fp16, augment, tf_backend, check, check_threads,
                    channels_last=False):
     listing = list_split(cfg_data, train, check, check_threads)
     n = len(listing)
@@ -470,8 +479,8 @@ def _tf_backend(choice, decode):
     return choice
 
 
-def _array_loader(cfg_data, framework, batch_size, rank, size, seed, train, decode, num_threads,
-                  local_rank, fp16, augment, channels_last=False):
+def _array_loader(cfg_data, framework, *, batch_size, rank, size, seed, train, decode,
+                  num_threads, local_rank, fp16, augment, channels_last=False):
     if cfg_data.kind == "fashion_mnist":
         from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
         x_train, y_train, x_test, y_test = load_fashion_mnist(_cfg(cfg_data, "path"))
@@ -569,7 +578,8 @@ def build_sources(cfg, rank, size, eval_batch=500):
     common = dict(num_threads=threads, local_rank=local, channels_last=on_gpu,
                   tf_backend="dali" if cfg.framework == "tensorflow" else "auto")
     output = engine_output(cfg.framework)
-    train = build_train_loader(cfg.data, output, per_step, rank, size, cfg.train.seed, **common)
+    train = build_train_loader(cfg.data, output, per_step, rank, size, seed=cfg.train.seed,
+                               **common)
     evaluate = build_eval_loader(cfg.data, output, max(eval_batch, cfg.batch.per_worker), rank,
-                                 size, cfg.train.seed, **common)
+                                 size, seed=cfg.train.seed, **common)
     return EngineTrainSource(train), EngineEvalSource(evaluate)
