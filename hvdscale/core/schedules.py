@@ -42,6 +42,15 @@ class LRScheduleSpec:
     decay_rate: float = 0.97
     decay_epochs: float = 1.0
 
+    def describe_decay(self) -> str:
+        """The decay in words, for run headers (e.g. "cosine to 0")."""
+        return {"multistep": f"multistep x{self.gamma:g} at epochs {list(self.milestones)}",
+                "cosine": f"cosine to {self.end_lr:g}",
+                "polynomial": f"polynomial (power {self.power:g}) to {self.end_lr:g}",
+                "exponential": f"exponential x{self.decay_rate:g} every {self.decay_epochs:g} "
+                               "epochs",
+                "constant": "constant"}.get(self.decay, self.decay)
+
     @classmethod
     def from_config(cls, section: Any) -> "LRScheduleSpec":
         """Build from a recipe's `lr` section (dict or object); keys it does not know

@@ -73,7 +73,9 @@ def _layout(cfg: Any) -> str:
     return "NCHW" if cfg.framework == "torch" else "NHWC"     # transposed once, here
 
 
-def _array_batches(cfg: Any, rank: int, size: int, train: Any, test: Any) -> Tuple[Any, Any]:
+def array_batches(cfg: Any, rank: int, size: int, train: Any, test: Any) -> Tuple[Any, Any]:
+    """The engine's sources over two in-memory ArrayDatasets (hvdscale.data.arrays) already in
+    the backend's layout: this rank's shuffled shard of `train`, its share of `test`."""
     from hvdscale.data.arrays import EvalBatches, TrainBatches
     per_step = cfg.batch.per_worker * cfg.batch.accumulation
     eval_batch = max(EVAL_BATCH, cfg.batch.per_worker)
@@ -85,7 +87,7 @@ def array_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
     """fashion_mnist and synthetic: NumPy arrays in memory."""
     from hvdscale.data.arrays import load_arrays
     train, test = load_arrays(cfg.data, seed=cfg.train.seed, layout=_layout(cfg))
-    return _array_batches(cfg, rank, size, train, test)
+    return array_batches(cfg, rank, size, train, test)
 
 
 # --------------------------------------------------------------------------- your own data
@@ -105,7 +107,7 @@ def user_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
             raise DataError(f"{where}: the {name} part must be a pair (x, y), got {_kind(pair)}")
         x, y = _check_arrays(cfg, where, name, *pair)
         split.append(ArrayDataset(x, y, "NHWC").to_layout(_layout(cfg)))
-    return _array_batches(cfg, rank, size, *split)
+    return array_batches(cfg, rank, size, *split)
 
 
 def _kind(value: Any) -> str:

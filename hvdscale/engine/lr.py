@@ -2,7 +2,7 @@
 batch, the core schedule gives warm-up and decay as a pure function of the step (so a resumed
 run continues the schedule exactly)."""
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from hvdscale.core.scaling import scale_lr
 from hvdscale.core.schedules import LRScheduleSpec, build_lr_schedule
@@ -17,15 +17,13 @@ class LRPlan:
     description: str
 
 
-def plan_lr(cfg, global_batch, steps_per_epoch, total_steps):
+def plan_lr(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps: int) -> LRPlan:
+    """The peak LR for `global_batch` (the recipe's scaling rule) and the schedule of every
+    step, from the recipe's `lr` section and `optimizer.base_lr`."""
     lr = cfg.lr
     base = cfg.optimizer.base_lr
     peak = scale_lr(base, cfg.batch.reference, global_batch, rule=lr.scaling)
-    spec = LRScheduleSpec(warmup=lr.warmup, warmup_epochs=lr.warmup_epochs,
-                          warmup_steps=lr.warmup_steps, decay=lr.decay,
-                          milestones=tuple(lr.milestones), gamma=lr.gamma, power=lr.power,
-                          end_lr=lr.end_lr, decay_rate=lr.decay_rate,
-                          decay_epochs=lr.decay_epochs)
+    spec = LRScheduleSpec.from_config(lr)
     schedule = build_lr_schedule(spec, base, peak, steps_per_epoch, total_steps)
     if lr.warmup == "none":
         warmup_steps = 0
@@ -33,11 +31,6 @@ def plan_lr(cfg, global_batch, steps_per_epoch, total_steps):
         warmup_steps = lr.warmup_steps
     else:
         warmup_steps = int(round(lr.warmup_epochs * steps_per_epoch))
-    decay = {"multistep": f"multistep x{lr.gamma:g} at epochs {list(lr.milestones)}",
-             "cosine": f"cosine to {lr.end_lr:g}",
-             "polynomial": f"polynomial (power {lr.power:g}) to {lr.end_lr:g}",
-             "exponential": f"exponential x{lr.decay_rate:g} every {lr.decay_epochs:g} epochs",
-             "constant": "constant"}[lr.decay]
     warm = "no warm-up" if warmup_steps == 0 else f"{lr.warmup} warm-up {warmup_steps} steps"
     return LRPlan(base, peak, warmup_steps, schedule,
-                  f"{lr.scaling} scaling, {warm}, {decay}")
+                  f"{lr.scaling} scaling, {warm}, {spec.describe_decay()}")

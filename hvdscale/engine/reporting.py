@@ -4,17 +4,18 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 
 class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per line, flushed at once so a crash keeps the lines."""
 
-    def __init__(self, path, append=False):
+    def __init__(self, path: Union[str, Path], append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a" if append else "w")
 
-    def write(self, record):
+    def write(self, record: Dict[str, Any]) -> None:
         self._fh.write(json.dumps(_jsonable(record)) + "\n")
         self._fh.flush()
 
@@ -43,7 +44,7 @@ class NullLog:
 class Progress:
     """A tqdm bar over the training steps, or nothing when disabled or tqdm is missing."""
 
-    def __init__(self, total, initial, enabled):
+    def __init__(self, total: int, initial: int, enabled: bool):
         self._bar = None
         if enabled:
             try:
@@ -53,14 +54,14 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                              file=sys.stderr, leave=False)
 
-    def update(self, loss, lr):
+    def update(self, loss: Optional[float], lr: float) -> None:
         if self._bar is not None:
             self._bar.update(1)
             # loss: the mean of the last statistics read (None before the first one)
             shown = {"loss": f"{loss:.4f}"} if loss is not None else {}
             self._bar.set_postfix(**shown, lr=f"{lr:.3g}", refresh=False)
 
-    def note(self, text):
+    def note(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text, file=sys.stderr)
 
@@ -83,7 +84,7 @@ SUMMARY_COLUMNS = ("hardware", "framework", "workers", "batch size", "optimizer"
                    "time/step", "time", "accuracy")
 
 
-def summary_table(summary):
+def summary_table(summary: Dict[str, Any]) -> str:
     """The seed's table (hardware, framework, workers, batch size, optimizer, steps, time/step,
     time, accuracy) as Markdown, then throughput, scaling efficiency and time to target."""
     acc = summary.get("final_test_accuracy")
