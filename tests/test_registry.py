@@ -148,3 +148,13 @@ def test_both_frameworks_build_every_optimizer_with_the_same_defaults():
                     if name == "weight_decay" else getattr(k, name)
                 assert (got or 0.0) == pytest.approx(value or 0.0), (info.name, "keras", name)
     assert isinstance(k, keras.optimizers.Optimizer)
+
+
+def test_keras_sgd_and_adamw_keep_the_exclusion_rule_through_their_config():
+    pytest.importorskip("keras")
+    from hvdscale.tensorflow.optim import build_optimizer
+    for name in ("sgd", "adamw"):
+        opt = build_optimizer(name, 0.1, {"exclude_1d": False, "exclude": ["bias$"],
+                                          "weight_decay": 0.1})
+        copy = type(opt).from_config(opt.get_config())
+        assert (copy._rule.exclude_1d, copy._rule.patterns) == (False, ("bias$",)), name

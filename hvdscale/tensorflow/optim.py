@@ -226,6 +226,12 @@ class _ExcludingMixin:
     def _setup_exclusion(self, exclude_1d, exclude):
         self._rule = ExclusionRule(exclude_1d, exclude)
 
+    def get_config(self):
+        # the rule travels with the optimizer (save/load, from_config copies)
+        config = super().get_config()
+        config.update(exclude_1d=self._rule.exclude_1d, exclude=list(self._rule.patterns))
+        return config
+
     def build(self, var_list):
         if not self.built:
             self.exclude_from_weight_decay(
