@@ -158,3 +158,28 @@ def test_keras_sgd_and_adamw_keep_the_exclusion_rule_through_their_config():
                                           "weight_decay": 0.1})
         copy = type(opt).from_config(opt.get_config())
         assert (copy._rule.exclude_1d, copy._rule.patterns) == (False, ("bias$",)), name
+
+
+def test_an_option_registered_by_a_plugin_is_a_checked_recipe_key():
+    from hvdscale.core import optimizers as core
+    spec = core.register_option(core.OptionSpec("toy_power", float, "toy exponent",
+                                                lambda v: v >= 1, "must be >= 1",
+                                                native={"tensorflow": ("power",)}))
+    info = registry.register_optimizer(registry.OptimizerInfo(
+        "toy", "a toy", {"toy_power": 2.0, "weight_decay": 0.0}, {"torch": "x:y"}))
+    try:
+        cfg = config_from_dict({"optimizer": {"name": "toy", "toy_power": 3}})
+        assert cfg.optimizer.toy_power == 3.0 and cfg.optimizer.weight_decay == 0.0
+        assert cfg.to_dict()["optimizer"]["toy_power"] == 3.0
+        assert config_from_dict({"optimizer": {"name": "toy"}}).optimizer.toy_power == 2.0
+        with pytest.raises(ConfigError, match=r"optimizer\.toy_power: must be >= 1, got 0\.5"):
+            config_from_dict({"optimizer": {"name": "toy", "toy_power": 0.5}})
+        with pytest.raises(ConfigError, match="'toy' has no tensorflow version"):
+            config_from_dict({"framework": "tensorflow", "optimizer": {"name": "toy"}})
+        assert native_kwargs("tensorflow", {"toy_power": 3.0}) == {"power": 3.0}
+        assert "| `toy` | `toy_power` | 2 | `toy_power` | `power` |" in registry.optimizer_table()
+    finally:
+        registry.OPTIMIZERS.unregister("toy")
+        del core.OPTIONS[spec.key]
+    with pytest.raises(ConfigError, match="unknown key 'toy_power' in optimizer"):
+        config_from_dict({"optimizer": {"toy_power": 3}})
