@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hvdscale import launch, rendezvous
+from hvdscale import launch, registry, rendezvous
 from hvdscale.errors import ConfigError
 
 
@@ -23,8 +23,9 @@ def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("The worker command goes after '--'. OMP_NUM_THREADS is cores per node // "
                      "workers per node unless --threads or OMP_NUM_THREADS says otherwise.")
-    parser.add_argument("--launcher", choices=launch.LAUNCHERS, default="horovodrun",
-                        help="what starts the workers (default: horovodrun)")
+    launchers = "; ".join(f"{info.name}: {info.description}" for info in registry.LAUNCHERS)
+    parser.add_argument("--launcher", choices=registry.LAUNCHERS.names(), default="horovodrun",
+                        help=f"what starts the workers (default: horovodrun). {launchers}")
     parser.add_argument("--np", type=int, help="number of workers (default: all slots; srun: SLURM_NTASKS)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--hosts", help="host:slots list, e.g. node1:4,node2:4 (default: localhost:NP)")
