@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -412,33 +412,40 @@ def _check_consistency(cfg):
 
 
 # ---------------------------------------------------------------------------------- loading
-def parse_override(text):
+# the `setting` of errors in overrides (the CLI's --set)
+OVERRIDES = "overrides"
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
     """`a.b=value` -> (["a", "b"], value); the value is read as YAML (`0.1`, `true`, `[1,2]`)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optimizer.base_lr=0.01")
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optimizer.base_lr=0.01",
+                          setting=OVERRIDES)
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
+        raise ConfigError(f"override {text!r}: empty key", setting=OVERRIDES)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.problem})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.problem})",
+                          setting=OVERRIDES) from None
     return key.split("."), value
 
 
-def apply_overrides(raw, overrides):
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     raw = copy.deepcopy(raw)
     for text in overrides or ():
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
             if part not in SECTIONS and node is raw:
-                raise ConfigError(f"--set {text!r}: unknown section {part!r} "
-                                  f"(known: {', '.join(SECTIONS)})")
+                raise ConfigError(f"override {text!r}: unknown section {part!r} "
+                                  f"(known: {', '.join(SECTIONS)})", setting=OVERRIDES)
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+                raise ConfigError(f"override {text!r}: {part!r} is not a section",
+                                  setting=OVERRIDES)
         node[path[-1]] = value
     return raw
 
@@ -475,8 +482,10 @@ def config_from_dict(raw: Dict[str, Any]) -> "Config":
 
 def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> "Config":
     """Recipe file (default: the built-in Fashion-MNIST LAMB recipe) + `--set` overrides."""
-    raw = read_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    raw = apply_overrides(read_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
+                          overrides)         # a malformed override is not the recipe's fault
     try:
-        return config_from_dict(apply_overrides(raw, overrides))
+        return config_from_dict(raw)
     except ConfigError as err:
-        raise ConfigError(f"{recipe if recipe is not None else DEFAULT_RECIPE}: {err}") from None
+        raise ConfigError(f"{recipe if recipe is not None else DEFAULT_RECIPE}: {err}",
+                          setting=err.setting) from None

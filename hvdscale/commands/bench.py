@@ -17,6 +17,9 @@ from hvdscale.data.arrays import normalise
 from hvdscale.data.synthetic import synthetic_arrays
 from hvdscale.errors import ConfigError
 
+# Errors about these settings came from these flags (hvdscale.cli prefixes the flag).
+SETTING_FLAGS = {"overrides": "--set"}
+
 
 def add_arguments(parser):
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE),

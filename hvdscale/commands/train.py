@@ -12,7 +12,7 @@ from hvdscale.hardware import cpu_count, cpu_model
 from hvdscale.errors import ConfigError, NonFiniteLossError
 
 # Errors about these settings came from these flags (hvdscale.cli prefixes the flag).
-SETTING_FLAGS = {"checkpoint": "--resume"}
+SETTING_FLAGS = {"checkpoint": "--resume", "overrides": "--set"}
 
 # Variables by which MPI, Horovod's launchers and PMI tell a process how many ranks there are.
 WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
