@@ -129,6 +129,11 @@ class Comm:
         if self.distributed:
             self.allreduce(np.int64(0), op="sum")
 
+    def shutdown(self):
+        """End Horovod on this rank (Horovod agrees the shutdown with the other ranks)."""
+        if self.hvd is not None:
+            self.hvd.shutdown()
+
 
 class _Done:
     """A result that is already there (single process)."""

@@ -1,11 +1,13 @@
-"""Elastic training (`hvdscale train --elastic`, PyTorch) under
-`horovodrun --min-np 1 --max-np 2 --host-discovery-script launchers/hosts/discover_hosts.sh`.
+"""Elastic training (`hvdscale train --elastic`, the Engine's elastic mode) in both frameworks
+under `horovodrun --min-np 1 --max-np 2 --host-discovery-script launchers/hosts/discover_hosts.sh`.
 
 The two "hosts" are local aliases (localhost, 127.0.0.1; later this machine's host name),
 so Horovod treats them as separate hosts. One worker is killed with SIGKILL: the survivor
 restores the last commit and goes on alone under the batch policy; then a host comes back in
-the hosts file and its new worker is admitted and receives the state. The run ends with all
-its steps, both ranks agreeing, no committed step lost."""
+the hosts file and its new worker is admitted and receives the state. SIGTERM to horovodrun
+then ends the run as a preemption would: both ranks agree on the step, one checkpoint is
+written, every rank exits 0 with identical parameters, no committed step lost. torch also
+resumes that checkpoint elastically on one host and ends normally."""
 import json
 import os
 import signal
@@ -18,12 +20,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, WORKERS, job_env, tool
+from hvdscale.engine.checkpoint import CheckpointStore
 from hvdscale.engine.elastic import batch_plan
 from hvdscale.errors import ConfigError
 
 WORKER = WORKERS / "fault_elastic.py"
 DISCOVER = REPO / "launchers" / "hosts" / "discover_hosts.sh"
-STEPS = 400
+STEPS = 5000        # never reached: the test ends the run with SIGTERM
 
 
 def test_batch_plan_policies():
@@ -72,27 +75,35 @@ def replace_hosts(path, text):
     tmp.replace(path)        # one step: discovery never reads half a file
 
 
+def elastic_cmd(hosts, dump, out, framework, policy, steps, *extra):
+    return [tool("horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+            "--host-discovery-script", str(DISCOVER), "--network-interface", "lo",
+            sys.executable, str(WORKER), str(dump),
+            "--set", f"framework={framework}", "--set", "data.train_limit=4096",
+            "--set", "data.test_limit=500", "--set", "batch.per_worker=32",
+            "--set", "batch.reference=64", "--set", f"train.max_steps={steps}",
+            "--set", "train.epochs=100", "--set", "train.eval_every_steps=100",
+            "--set", "checkpoint.every_steps=100", "--set", "log.progress=false",
+            "--set", "lr.warmup_steps=5", "--set", "elastic.commit_every=5",
+            "--set", f"elastic.policy={policy}", "--out", str(out), *extra]
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["keep_global_batch", "rescale_lr"])
-def test_lose_a_worker_then_readmit_one(policy, tmp_path):
+@pytest.mark.parametrize("framework,policy", [("torch", "keep_global_batch"),
+                                              ("tensorflow", "rescale_lr")])
+def test_lose_a_worker_readmit_one_then_preempt(framework, policy, tmp_path):
+    """The run is long (STEPS); once the returning worker has trained through two commits,
+    SIGTERM to horovodrun ends it: the elastic ranks agree, save, and exit 0."""
     hosts, dump, out = tmp_path / "hosts.txt", tmp_path / "dump", tmp_path / "run"
     replace_hosts(hosts, "localhost:1\n127.0.0.1:1\n")
-    cmd = [tool("horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
-           "--host-discovery-script", str(DISCOVER), "--network-interface", "lo",
-           sys.executable, str(WORKER), str(dump),
-           "--set", "framework=torch", "--set", "data.train_limit=4096",
-           "--set", "data.test_limit=500", "--set", "batch.per_worker=32",
-           "--set", "batch.reference=64", "--set", f"train.max_steps={STEPS}",
-           "--set", "train.epochs=10",
-           "--set", "lr.warmup_steps=5", "--set", "elastic.commit_every=5",
-           "--set", f"elastic.policy={policy}", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=job_env(HVDSCALE_HOSTS_FILE=hosts), cwd=REPO,
+    proc = subprocess.Popen(elastic_cmd(hosts, dump, out, framework, policy, STEPS),
+                            env=job_env(HVDSCALE_HOSTS_FILE=hosts), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: any(e.get("workers") == 2 for e in events(out)), 120, proc,
+        wait_until(lambda: any(e.get("workers") == 2 for e in events(out)), 180, proc,
                    "two workers")
-        wait_until(lambda: last_commit(out) >= 10, 120, proc, "commits with two workers")
+        wait_until(lambda: last_commit(out) >= 10, 180, proc, "commits with two workers")
         victim = int((dump / "pid-127.0.0.1").read_text())
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
@@ -101,12 +112,22 @@ def test_lose_a_worker_then_readmit_one(policy, tmp_path):
         recovered_in = time.monotonic() - killed
         # 127.0.0.1 is now blacklisted; the worker returns under this machine's host name
         replace_hosts(hosts, f"localhost:1\n{socket.gethostname()}:1\n")
-        output, _ = proc.communicate(timeout=240)
+        wait_until(lambda: [e.get("workers") for e in events(out)
+                            if e.get("event") == "workers"][-1:] == [2], 180, proc,
+                   "the returning worker")
+        back_at = [e for e in events(out) if e.get("event") == "workers"][-1]["step"]
+        wait_until(lambda: last_commit(out) >= back_at + 10, 120, proc,
+                   "commits after the re-admission")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        stopped_in = time.monotonic() - signalled
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    print(f"{policy}: going on with one worker {recovered_in:.1f} s after kill -9")
+    print(f"{framework} {policy}: going on with one worker {recovered_in:.1f} s after "
+          f"kill -9; horovodrun exited {proc.returncode} {stopped_in:.1f} s after SIGTERM")
     assert proc.returncode == 0, output[-4000:]
 
     log = events(out)
@@ -116,6 +137,7 @@ def test_lose_a_worker_then_readmit_one(policy, tmp_path):
     # no committed step lost: the survivor went on from exactly its last commit
     assert alone["step"] == alone["last_commit"] and alone["step"] > 0, alone
     assert alone["step"] % 5 == 0 and back["step"] >= alone["step"]
+    assert alone["resets"] >= 1 and back["resets"] > alone["resets"]
     if policy == "keep_global_batch":
         assert (alone["global_batch"], alone["accumulation"], alone["lr_scale"]) == (64, 2, 1.0)
         assert (back["global_batch"], back["accumulation"]) == (64, 1)
@@ -123,11 +145,27 @@ def test_lose_a_worker_then_readmit_one(policy, tmp_path):
         assert (alone["global_batch"], alone["accumulation"]) == (32, 1)
         assert alone["lr_scale"] == pytest.approx(0.5 ** 0.5)
         assert back["lr_scale"] == pytest.approx(1.0)
-    summary = log[-1]
-    assert summary["event"] == "summary" and summary["steps"] == STEPS
-    assert summary["workers"] == 2 and summary["final_test_accuracy"] > 0.5
-    assert alone["resets"] >= 1 and summary["resets"] >= 2     # rank 0 survived both
+    # the preemption: agreed by both ranks, one checkpoint at that step
+    stop = log[-1]
+    assert stop["event"] == "preempted" and stop["workers"] == 2, stop
+    assert back["step"] + 10 <= stop["step"] < STEPS
+    meta, _ = CheckpointStore(out / "checkpoints").latest()
+    assert meta["step"] == stop["step"] and meta["reference_workers"] == 2
     # the returning worker got the state: both ranks end with identical parameters
     p0, p1 = (np.load(dump / f"params-rank{r}.npz") for r in (0, 1))
     for key in p0.files:
         assert p0[key].tobytes() == p1[key].tobytes(), key
+    if framework != "torch":
+        return
+    # an elastic run resumes from that checkpoint and ends normally, with a summary
+    replace_hosts(hosts, "localhost:1\n")
+    proc = subprocess.run(elastic_cmd(hosts, dump, out, framework, policy, stop["step"] + 5,
+                                      "--resume", "--set", "elastic.commit_every=2"),
+                          env=job_env(HVDSCALE_HOSTS_FILE=hosts), cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from" in proc.stdout and f"at step {stop['step']}" in proc.stdout
+    summary = events(out)[-1]
+    assert summary["event"] == "summary" and summary["elastic"] is True
+    assert summary["steps"] == stop["step"] + 5 and summary["workers"] == 1
+    assert summary["reference_workers"] == 2 and summary["final_test_accuracy"] > 0.5

@@ -41,7 +41,7 @@ def add_arguments(parser):
     parser.add_argument("--no-horovod", action="store_true",
                         help="run as one plain process without initialising Horovod")
     parser.add_argument("--elastic", action="store_true",
-                        help="elastic training (torch): carry on when workers leave or join; "
+                        help="elastic training: carry on when workers leave or join; "
                              "launch with horovodrun --min-np/--max-np --host-discovery-script "
                              "(state committed every elastic.commit_every steps)")
 
@@ -117,31 +117,50 @@ def build_engine(args):
     tau_ref = read_tau_ref(args.tau_ref)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ConfigError(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
+    if args.elastic:
+        from hvdscale.engine.elastic import check_elastic
+        check_elastic(cfg, stop_after_steps=args.stop_after_steps, no_horovod=args.no_horovod)
+    requeue = requeue_exit_code()
     from hvdscale.engine import Engine
     from hvdscale.data import build_sources
     comm, trainer = start_workers(cfg, horovod=not args.no_horovod)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-np{comm.size}"
+    kind = "elastic" if args.elastic else f"np{comm.size}"
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-{kind}"
     return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
+                  requeue_exit_code=requeue, elastic=args.elastic, sources=build_sources,
                   hardware=hardware_name(trainer.device_description, comm.size))
+
+
+REQUEUE_VAR = "HVDSCALE_REQUEUE_EXIT_CODE"
+CHECKPOINT_EXIT_CODE = 6     # a checkpoint could not be written (checkpoint.on_error: stop)
+
+
+def requeue_exit_code(environ=None):
+    """HVDSCALE_REQUEUE_EXIT_CODE (set by a requeueing batch script), or None."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(REQUEUE_VAR, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 255:
+        raise ConfigError(f"{REQUEUE_VAR}={value!r}: must be an exit code in 1..255")
+    return int(value)
 
 
 def run(args):
     from hvdscale.engine.faults import lost_worker_message, worker_lost
-    if args.elastic:
-        from hvdscale.engine.elastic import run_elastic
-        try:
-            return run_elastic(args)[0]
-        except NonFiniteLossError as err:
-            print(f"hvdscale train: error: {err}", file=sys.stderr)
-            return 3
+    from hvdscale.engine.loop import CheckpointError
     engine = build_engine(args)
     try:
-        engine.run()
+        result = engine.run()
     except NonFiniteLossError as err:
         print(f"hvdscale train: error: rank {engine.comm.rank}: {err}", file=sys.stderr)
         return 3
+    except CheckpointError as err:
+        print(f"hvdscale train: error: rank {engine.comm.rank}: {err}", file=sys.stderr,
+              flush=True)
+        return CHECKPOINT_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - only Horovod's peer-lost shutdown is handled
         if not worker_lost(err):
             raise
@@ -151,4 +170,19 @@ def run(args):
         return 4
     if engine.comm.is_root:
         print(f"metrics: {engine.out / 'metrics.jsonl'}")
-    return 0
+    if result.preempted is not None:
+        leave_now(engine.comm, result.exit_code)
+    return result.exit_code
+
+
+def leave_now(comm, code):
+    """Exit at once after a preemption checkpoint. The launcher kills the ranks soon after
+    its signal (horovodrun: SIGKILL 5 s after SIGTERM), and the interpreter's own teardown
+    of torch/TensorFlow took 2-9 s on a busy 2-core host; the checkpoint is already on disk
+    (fsynced), logs are closed, and Horovod is shut down in agreement with the other ranks."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        comm.shutdown()
+    finally:
+        os._exit(code)

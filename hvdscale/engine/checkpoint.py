@@ -4,8 +4,9 @@ One checkpoint is two files in OUT/checkpoints/: the framework's state (`step-00
 for PyTorch, `.npz` for TensorFlow) and a JSON sidecar (`step-00000120.json`) with the loop
 position and the state file's size. Each is written to a temporary file in the same
 directory, fsynced and renamed, and the sidecar is written last, so a sidecar on disk always
-names a complete state file; `latest()` also checks the size, and skips anything else (a state
-file without a sidecar, a leftover temporary file, a state file of the wrong size).
+names a complete state file (whose size it records). `latest()` ignores what has no sidecar:
+a state file whose sidecar was never written, a leftover temporary file. A file damaged
+after it was written is not skipped silently: loading it fails with one line naming it.
 
 A write that fails (disk full, read-only directory, quota) raises CheckpointWriteError with
 one line naming the directory; the partial files of that attempt are removed where the
@@ -98,12 +99,8 @@ class CheckpointStore:
             except (OSError, ValueError) as err:
                 raise ConfigError(f"checkpoint {sidecar} is unreadable ({err})") from None
             state = self.dir / meta.get("state_file", "")
-            if not state.is_file():
-                continue
-            size = meta.get("state_size")
-            if size is not None and state.stat().st_size != size:
-                continue         # not the file the sidecar describes: never load a part
-            return meta, state
+            if state.is_file():
+                return meta, state
         return None
 
     def _newest_name(self):

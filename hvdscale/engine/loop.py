@@ -13,6 +13,8 @@ it carries graph tracing and allocation.
 Every decision that changes control flow (stop, abort) is taken from values that are equal on
 all ranks (allreduced), so ranks never disagree and hang in a collective.
 """
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from hvdscale.core.metrics import TargetTracker, scaling_efficiency
-from hvdscale.engine.checkpoint import CheckpointStore
+from hvdscale.engine.elastic import batch_plan
+from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError, atomic_write
 from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
+from hvdscale.engine.preemption import PreemptionWatch
 from hvdscale.engine.tensorboard import open_writer
 from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
 from hvdscale.errors import ConfigError
 from hvdscale.registry import OPTIMIZERS
+
+
+PREEMPTED_MARKER = "preempted.json"    # OUT/preempted.json after a preemption stop
 
 
 @dataclass
@@ -34,6 +41,13 @@ class RunResult:
     summary: dict                    # None when the session stopped early (stop_after)
     records: list = field(default_factory=list)
     finished: bool = True
+    preempted: dict = None           # {"step", "signal", "checkpoint"} after SIGTERM/SIGUSR1
+    exit_code: int = 0               # what every rank should exit with
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written and `checkpoint.on_error` is stop (every rank
+    raises it together, after rank 0 told them)."""
 
 
 def _interval(every_steps, every_epochs, steps_per_epoch):
@@ -49,38 +63,39 @@ class Engine:
     """Drives one training run for any Backend (see hvdscale/engine/backend.py)."""
 
     def __init__(self, cfg, comm, backend, train_source, eval_source, out_dir, *, resume=False,
-                 tau_ref=None, hardware="cpu", stop_after=None, echo=print):
+                 tau_ref=None, hardware="cpu", stop_after=None, requeue_exit_code=None,
+                 elastic=False, sources=None, echo=print):
+        """elastic: run as a mode of Horovod's elastic API (hvdscale/engine/elastic.py);
+        sources(cfg, rank, size) -> (train, eval) then rebuilds the data for each new world."""
         self.cfg, self.comm, self.backend = cfg, comm, backend
         self.batches, self.eval_source = train_source, eval_source
+        self.elastic, self.sources = elastic, sources
+        if elastic and sources is None:
+            raise ValueError("an elastic Engine needs sources(cfg, rank, size)")
         self.out = Path(out_dir)
         self.resume = resume
         self.stop_after = stop_after     # end this session after so many steps (preemption)
+        # SIGTERM/SIGUSR1: agreed stop, one checkpoint, every rank exits with this code
+        self.requeue_exit_code = requeue_exit_code if requeue_exit_code is not None \
+            else cfg.checkpoint.requeue_exit_code
+        self.preemption = PreemptionWatch(comm).install()
         self.tau_ref = tau_ref if tau_ref is not None else cfg.train.tau_ref
         self.hardware = hardware
-        self.echo = echo if comm.is_root else (lambda *a, **k: None)
+        self._print = echo
 
         b = cfg.batch
         self.per_step = b.per_worker * b.accumulation            # examples per rank per step
         self.global_batch = comm.size * self.per_step
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        total = int(round(cfg.train.epochs * self.steps_per_epoch))
-        if cfg.train.max_steps is not None:
-            total = min(total, cfg.train.max_steps)
-        self.total_steps = max(1, total)
-        self.lr = plan_lr(cfg, self.global_batch, self.steps_per_epoch, self.total_steps)
-        if self.lr.warmup_steps >= self.total_steps:
-            raise ConfigError(f"warm-up ({self.lr.warmup_steps} steps) is not shorter than "
-                              f"training ({self.total_steps} steps of global batch "
-                              f"{self.global_batch})")
-        self.eval_every = _interval(cfg.train.eval_every_steps, cfg.train.eval_every_epochs,
-                                    self.steps_per_epoch)
-        self.ckpt_every = _interval(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs,
-                                    self.steps_per_epoch)
+        self._plan(self.global_batch, self.batches.steps_per_epoch)
+        # elastic: the world the schedule is planned for, the LR factor of the current one
+        self.reference_workers, self.lr_scale = comm.size, 1.0
+        self.resets, self.last_commit, self._world, self._state = 0, None, None, None
         self.store = CheckpointStore(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         self.tracker = TargetTracker(cfg.train.target_accuracy)
         self.records = []
         # loop position and clocks (restored on resume)
         self.step = 0
+        self.examples = 0            # training examples consumed (global): the data position
         self.train_time = 0.0        # seconds inside training steps, all sessions
         self.timed_time = 0.0        # this session, first step excluded (throughput)
         self.timed_steps = 0
@@ -98,11 +113,37 @@ class Engine:
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
 
+    def echo(self, *args, **kwargs):
+        """Print on rank 0 only (looked up each time: elastic runs can renumber ranks)."""
+        if self.comm.is_root:
+            self._print(*args, **kwargs)
+
+    def _plan(self, global_batch, steps_per_epoch):
+        """Length of the run, LR plan and event periods for this global batch (elastic: the
+        reference world's)."""
+        cfg = self.cfg
+        self.steps_per_epoch = steps_per_epoch
+        total = int(round(cfg.train.epochs * steps_per_epoch))
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        self.total_steps = max(1, total)
+        self.lr = plan_lr(cfg, global_batch, steps_per_epoch, self.total_steps)
+        if self.lr.warmup_steps >= self.total_steps:
+            raise ConfigError(f"warm-up ({self.lr.warmup_steps} steps) is not shorter than "
+                              f"training ({self.total_steps} steps of global batch "
+                              f"{global_batch})")
+        self.eval_every = _interval(cfg.train.eval_every_steps, cfg.train.eval_every_epochs,
+                                    steps_per_epoch)
+        self.ckpt_every = _interval(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs,
+                                    steps_per_epoch)
+
     # ------------------------------------------------------------------ set-up
     def _restore(self):
-        """Load the newest checkpoint (rank 0 reads, every rank gets the same bytes)."""
+        """Load the newest checkpoint (rank 0 reads, every rank gets the same bytes; elastic:
+        every rank reads it, as no collective may run before Horovod's elastic sync, which
+        then gives every rank, newcomers included, rank 0's state anyway)."""
         found = None
-        if self.comm.is_root:
+        if self.comm.is_root or self.elastic:
             # an unreadable checkpoint is sent to every rank as its message, so that all
             # ranks refuse it together instead of the others waiting in the broadcast
             try:
@@ -112,7 +153,8 @@ class Engine:
                     found = (meta, path.read_bytes())
             except (ConfigError, OSError) as err:
                 found = ("error", str(err))
-        found = self.comm.broadcast_object(found)
+        if not self.elastic:
+            found = self.comm.broadcast_object(found)
         if found is not None and found[0] == "error":
             raise ConfigError(found[1])
         if found is None:
@@ -122,7 +164,14 @@ class Engine:
         if meta.get("framework") != self.backend.framework:
             raise ConfigError(f"--resume: checkpoint step {meta['step']} was written by "
                               f"{meta.get('framework')}, this run is {self.backend.framework}")
-        if meta.get("global_batch") != self.global_batch or \
+        if self.elastic:         # the world may differ; the per-rank recipe batch may not
+            per_step = meta.get("recipe_per_rank_batch")
+            if per_step is not None and per_step != self.per_step:
+                raise ConfigError(f"--resume: checkpoint step {meta['step']} has "
+                                  f"{per_step} examples per rank and step in its recipe, "
+                                  f"this run {self.per_step}")
+            self.reference_workers = int(meta.get("reference_workers", meta["workers"]))
+        elif meta.get("global_batch") != self.global_batch or \
                 meta.get("steps_per_epoch") != self.steps_per_epoch:
             raise ConfigError(f"--resume: checkpoint has global batch {meta.get('global_batch')} "
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
@@ -132,6 +181,7 @@ class Engine:
         except ConfigError as err:
             raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}") from None
         self.step = int(meta["step"])
+        self.examples = int(meta.get("examples", self.step * self.global_batch))
         self.train_time = float(meta.get("train_time_s", 0.0))
         t = meta.get("tracker", {})
         self.tracker.best = t.get("best")
@@ -165,29 +215,47 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def run(self):
+        self.backend.elastic = self.elastic     # elastic: build() runs no collective
         self.backend.build()
         resumed = self._restore() if self.resume else False
         self.echo(self.describe())
         root = self.comm.is_root
-        log = MetricsLog(self.out / "metrics.jsonl", append=resumed) if root else NullLog()
+        if root:     # a marker of an earlier preempted session is history now
+            try:
+                (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._log = MetricsLog(self.out / "metrics.jsonl", append=resumed) if root else NullLog()
         writer = open_writer(self.out / "tensorboard") \
             if root and self.cfg.log.tensorboard else None
         bar = Progress(self.total_steps, self.step, root and self.cfg.log.progress)
         wall0 = time.perf_counter()
         try:
-            ending = self._steps(log, writer, bar, wall0)
+            if self.elastic:
+                ending = self._elastic_steps(writer, bar, wall0)
+            else:
+                ending = self._steps(self._log, writer, bar, wall0)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self.preemption.uninstall()
             bar.close()
             if writer is not None:
                 writer.close()
+        log = self._log      # elastic: a survivor that became rank 0 opened its own
+        if ending == "preempted":
+            result = self._preempted(log)
+            log.close()
+            return result
         if ending == "paused":
             log.close()
             self.echo(f"stopped after {self._session_steps} steps at step {self.step} of "
                       f"{self.total_steps}; continue with --resume")
             return RunResult(None, self.records, finished=False)
         summary = self._summary(time.perf_counter() - wall0)
+        if self.elastic:
+            summary.update(elastic=True, policy=self.cfg.elastic.policy, resets=self.resets,
+                           reference_workers=self.reference_workers)
         log.write(summary)
         log.close()
         self.echo(summary_table(summary))
@@ -195,16 +263,20 @@ class Engine:
 
     def _steps(self, log, writer, bar, wall0):
         """Train until the end, the target (stop_at_target) or the session limit; returns
-        "done" | "target" | "paused"."""
+        "done" | "target" | "paused" | "preempted"."""
         while self.step < self.total_steps:
-            epoch, start = divmod(self.step, self.steps_per_epoch)
+            epoch, start = self._position()
             for batch in self.backend.device_batches(self.batches.epoch(epoch, start)):
                 loss = self._train_one(batch)
+                self.examples += self.global_batch
                 bar.update(loss, self.lr.schedule(self.step - 1))
                 ending = None
                 if self.step >= self.total_steps:
                     ending = "done"
-                if (self.eval_every and self.step % self.eval_every == 0) or ending:
+                elif self.preemption.should_stop():     # agreed: the same step everywhere
+                    ending = "preempted"
+                if (self.eval_every and self.step % self.eval_every == 0 and
+                        ending != "preempted") or ending == "done":
                     record = self._evaluate(time.perf_counter() - wall0)
                     log.write(record)
                     if writer is not None:
@@ -219,13 +291,23 @@ class Engine:
                 if ending is None and self.stop_after is not None \
                         and self._session_steps >= self.stop_after:
                     ending = "paused"
-                if ending or (self.ckpt_every and self.step % self.ckpt_every == 0):
+                if (ending or (self.ckpt_every and self.step % self.ckpt_every == 0)) \
+                        and self.last_checkpoint_step != self.step:
                     self._checkpoint()
                 if self.watchdog is not None:    # step, evaluation and checkpoint all done
                     self.watchdog.beat(self.step)
                 if ending:
                     return ending
+                if self.elastic and self.step % self.cfg.elastic.commit_every == 0:
+                    self._commit()       # may raise HostsUpdatedInterrupt (Horovod resets)
         return "done"
+
+    def _position(self):
+        """(epoch, first batch) of the next step, from the examples consumed so far (in an
+        elastic run the global batch, and so the batches per epoch, change with the world)."""
+        span = self.batches.steps_per_epoch * self.global_batch
+        epoch, within = divmod(self.examples, span)
+        return epoch, within // self.global_batch
 
     def _train_one(self, batch):
         """One step; returns the mean loss of the last statistics read (None before one)."""
@@ -310,25 +392,148 @@ class Engine:
         return 0.0
 
     def _checkpoint(self):
+        """Rank 0 writes the checkpoint and tells every rank how it went (one broadcast), so
+        a write that fails (disk full, read-only) stops every rank together
+        (`checkpoint.on_error: stop`) or none of them (`warn`). Returns True when written."""
         self._collect_stats()      # never save a step whose non-finite flag is unread
         self.backend.sync_statistics()
+        failure = self._write_checkpoint() if self.comm.is_root else None
+        failure = self.comm.broadcast_object(failure)
+        if failure is None:
+            self.last_checkpoint_step = self.step
+            return True
+        if self.cfg.checkpoint.on_error == "stop":
+            raise CheckpointError(f"{failure} (checkpoint.on_error = stop)")
+        self.echo(f"warning: {failure}; training goes on (checkpoint.on_error = warn)")
+        return False
+
+    def _write_checkpoint(self):
+        """Rank 0: write one checkpoint; returns None, or the one-line reason it failed."""
         data = self.backend.state_bytes()
-        self.last_checkpoint_step = self.step
-        if not self.comm.is_root:
-            return
         meta = {
             "framework": self.backend.framework, "workers": self.comm.size,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
             "epoch": self.step // self.steps_per_epoch,
             "step_in_epoch": self.step % self.steps_per_epoch,
             "train_time_s": self.train_time, "last_accuracy": self.last_accuracy,
-            "seed": self.cfg.train.seed, "recipe": self.cfg.name,
+            "seed": self.cfg.train.seed, "recipe": self.cfg.name, "examples": self.examples,
+            "reference_workers": self.reference_workers,
+            "recipe_per_rank_batch": self.cfg.batch.per_worker * self.cfg.batch.accumulation,
             "skipped_steps": self.nonfinite.skipped,
             "tracker": {"best": self.tracker.best, "steps_to_target": self.tracker.steps_to_target,
                         "time_to_target_s": self.tracker.time_to_target,
                         "epochs_to_target": self.tracker.epochs_to_target},
         }
-        self.store.save(self.step, data, self.backend.checkpoint_suffix, meta)
+        try:
+            self.store.save(self.step, data, self.backend.checkpoint_suffix, meta)
+        except CheckpointWriteError as err:
+            return str(err)
+        return None
+
+    def _preempted(self, log):
+        """After the agreed stop and its checkpoint: the marker file, the event and the exit
+        code (0, or checkpoint.requeue_exit_code / HVDSCALE_REQUEUE_EXIT_CODE)."""
+        watch = self.preemption
+        watch.settle()
+        saved = self.last_checkpoint_step == self.step
+        code = self.requeue_exit_code or 0
+        info = {"event": "preempted", "step": self.step, "signal": watch.signal_name or "peer",
+                "checkpoint": f"step-{self.step:08d}" if saved else None,
+                "exit_code": code, "workers": self.comm.size}
+        log.write(info)
+        if self.comm.is_root:
+            try:     # what a requeueing batch script can test (horovodrun hides exit codes)
+                atomic_write(self.out / PREEMPTED_MARKER,
+                             (json.dumps(info, sort_keys=True) + "\n").encode())
+            except OSError as err:
+                self.echo(f"warning: cannot write {self.out / PREEMPTED_MARKER}: {err}")
+        took = (f" {watch.clock() - watch.received_at:.1f} s after the signal"
+                if watch.received else "")
+        what = f"checkpoint step-{self.step:08d} written{took}" if saved else \
+            "no checkpoint could be written"
+        self.echo(f"preempted ({watch.describe()}) at step {self.step} of {self.total_steps}: "
+                  f"{what}; exit {code}; continue with --resume")
+        return RunResult(None, self.records, finished=False, preempted=info, exit_code=code)
+
+    # ------------------------------------------------------------------ elastic mode
+    def _elastic_steps(self, writer, bar, wall0):
+        """The same loop under Horovod's elastic API: the backend's State carries model,
+        optimizer and the loop position; after a lost worker it is restored to its last
+        commit, after a host change it is synchronised from rank 0, and `_steps` goes on."""
+        state = self.backend.elastic_state(loop=self._loop_fields())
+        state.register_reset_callbacks([self._after_reset])
+        self._state = state
+
+        def session(state):
+            self._enter_world(state.loop)
+            return self._steps(self._log, writer, bar, wall0)
+        return self.backend.elastic_run(session)(state)
+
+    def _loop_fields(self):
+        t = self.tracker
+        return {"step": self.step, "examples": self.examples, "train_time": self.train_time,
+                "skipped": self.nonfinite.skipped, "reference_workers": self.reference_workers,
+                "last_accuracy": self.last_accuracy,
+                "tracker": [t.best, t.steps_to_target, t.time_to_target, t.epochs_to_target]}
+
+    def _enter_world(self, loop):
+        """(Re)start on the world Horovod has now: the loop position from the committed state
+        (rank 0's), the batch policy for this size, this rank's data, and the LR plan of the
+        reference world (scaled by the policy's factor)."""
+        self.comm.refresh()
+        self.step, self.examples = loop["step"], loop["examples"]
+        self.train_time, self.nonfinite.skipped = loop["train_time"], loop["skipped"]
+        self.reference_workers, self.last_accuracy = loop["reference_workers"], loop["last_accuracy"]
+        t = self.tracker
+        t.best, t.steps_to_target, t.time_to_target, t.epochs_to_target = loop["tracker"]
+        cfg, b, k = self.cfg, self.cfg.batch, self.comm.size
+        accumulation, self.global_batch, self.lr_scale = batch_plan(
+            cfg.elastic.policy, self.reference_workers, k, b.per_worker, b.accumulation,
+            b.reference, cfg.lr.scaling)
+        self.per_step = b.per_worker * accumulation
+        self.backend.set_accumulation(accumulation)
+        sized = dataclasses.replace(cfg, batch=dataclasses.replace(b, accumulation=accumulation))
+        self.batches, self.eval_source = self.sources(sized, self.comm.rank, k)
+        reference_global = self.reference_workers * b.per_worker * b.accumulation
+        self._plan(reference_global, max(1, self.batches.num_examples // reference_global))
+        if self.lr_scale != 1.0:
+            base, scale = self.lr.schedule, self.lr_scale
+            self.lr = dataclasses.replace(self.lr, schedule=lambda step: base(step) * scale)
+        if self.comm.is_root and isinstance(self._log, NullLog):   # rank 0 was lost
+            self._log = MetricsLog(self.out / "metrics.jsonl", append=True)
+        if k != self._world:
+            self._log.write({"event": "workers", "step": self.step, "workers": k,
+                             "policy": cfg.elastic.policy, "global_batch": self.global_batch,
+                             "per_rank_batch": self.per_step, "accumulation": accumulation,
+                             "lr_scale": self.lr_scale, "resets": self.resets,
+                             "last_commit": self.last_commit})
+            self.echo(f"elastic: step {self.step}: {k} worker(s), {cfg.elastic.policy}: "
+                      f"global batch {self.global_batch} = {k} x {b.per_worker} x "
+                      f"{accumulation}, lr x{self.lr_scale:.4g}")
+            self._world = k
+
+    def _after_reset(self):
+        """Horovod was re-initialised (a worker lost or hosts changed)."""
+        self.resets += 1
+        self.comm.refresh()
+        self.preemption.forget_pending()
+        self._unread = 0
+        self.backend.read_stats()       # statistics of steps that were rolled back
+
+    def _commit(self):
+        """Elastic: keep model, optimizer and loop position in memory (the point a lost
+        worker rolls back to); rank 0 writes the step to OUT/last_commit for operators; then
+        Horovod raises HostsUpdatedInterrupt here if hosts were added or removed."""
+        self._collect_stats()      # never commit a step whose non-finite flag is unread
+        self._state.loop = self._loop_fields()
+        self._state.save()
+        self.last_commit = self.step
+        if self.comm.is_root:
+            try:
+                atomic_write(self.out / "last_commit", f"{self.step}\n".encode())
+            except OSError:
+                pass
+        self._state.check_host_updates()
 
     def _summary(self, wall):
         k = self.comm.size

@@ -119,7 +119,9 @@ class TensorFlowTrainer:
         hvd = self.comm.hvd
         if hvd is not None:
             # hvd.broadcast_variables wants tf.Variables; Keras 3 variables are wrappers
-            broadcast_from_root(hvd, list(self.model.variables) + list(self.optimizer.variables))
+            if not getattr(self, "elastic", False):   # elastic: the State's sync does it
+                broadcast_from_root(hvd, list(self.model.variables)
+                                    + list(self.optimizer.variables))
             self._compression = (hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
                                  else hvd.Compression.none)
             self._op = hvd.Adasum if self.cfg.horovod.adasum else hvd.Average
@@ -404,3 +406,84 @@ class TensorFlowTrainer:
 
     def parameters(self):
         return {v.path: v.numpy().copy() for v in self.model.trainable_variables}
+
+    # ------------------------------------------------------------------ elastic (engine)
+    def elastic_state(self, **fields):
+        """A Horovod elastic State over the Keras 3 model and optimizer variables, carrying
+        `fields` as synchronised attributes (hvdscale/engine/elastic.py). Horovod's own
+        TensorFlowKerasState does not work with Keras 3: it calls `optimizer.variables()`
+        (a list property in Keras 3) and broadcasts with hvd.broadcast_variables, which
+        wants tf.Variables rather than Keras 3's wrappers."""
+        return _keras_state_class()(self, **fields)
+
+    def elastic_run(self, fn):
+        """hvd.elastic.run for this trainer: Horovod's TF wrapper recognises only some op
+        names in TensorFlow errors (not HorovodGroupedAllreduce, which the steps use), so
+        any TensorFlow error raised by a Horovod op counts as a lost peer here."""
+        from horovod.common.elastic import run_fn
+        from horovod.common.exceptions import HorovodInternalError
+        hvd = self.comm.hvd
+
+        def wrapper(state, *args, **kwargs):
+            try:
+                return fn(state, *args, **kwargs)
+            except tf.errors.OpError as err:
+                if "Horovod" not in str(err.message):
+                    raise
+                raise HorovodInternalError(err) from None
+
+        def reset():
+            hvd.shutdown()
+            hvd.init()
+        return run_fn(wrapper, reset)
+
+    def set_accumulation(self, passes):
+        """Micro-batches per optimizer step after the world changed (elastic.policy
+        keep_global_batch); the accumulators are made on first need."""
+        import dataclasses
+        self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
+            self.cfg.batch, accumulation=passes))
+        if passes > 1 and not hasattr(self, "_accumulators"):
+            self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
+                                  for v in self.variables]
+            self._acc_loss = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self._acc_n = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+
+def _keras_state_class():
+    """KerasState, built on first use so that importing this module needs no Horovod."""
+    from horovod.common.elastic import ObjectState
+
+    class KerasState(ObjectState):
+        """Model and optimizer variables kept as a host copy at each commit (save), put back
+        after a lost peer (restore) and sent from rank 0 to every rank, newcomers included
+        (sync); other keyword fields are plain synchronised attributes."""
+
+        def __init__(self, trainer, **fields):
+            self._trainer = trainer
+            self._saved_values = None
+            self._save_variables()
+            hvd = trainer.comm.hvd
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **fields)
+
+        def _variables(self):
+            t = self._trainer
+            return list(t.model.variables) + list(t.optimizer.variables)
+
+        def _save_variables(self):
+            self._saved_values = [np.array(v.numpy(), copy=True) for v in self._variables()]
+
+        def save(self):
+            self._save_variables()
+            super().save()
+
+        def restore(self):
+            for var, value in zip(self._variables(), self._saved_values):
+                var.assign(value)
+            super().restore()
+
+        def sync(self):
+            broadcast_from_root(self._trainer.comm.hvd, self._variables())
+            super().sync()
+
+    return KerasState

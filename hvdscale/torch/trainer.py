@@ -96,7 +96,8 @@ class TorchTrainer:
         if hvd is not None:
             # Fresh optimizers are identical on every rank (same hyper-parameters, empty
             # state), so only the model is broadcast here; a resume ships rank 0's full state.
-            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            if not getattr(self, "elastic", False):   # elastic: the State's sync does it
+                hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
             opt = hvd.DistributedOptimizer(
                 opt, named_parameters=self.model.named_parameters(),
                 compression=hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
@@ -358,3 +359,27 @@ class TorchTrainer:
 
     def parameters(self):
         return {n: p.detach().cpu().numpy().copy() for n, p in self.model.named_parameters()}
+
+    # ------------------------------------------------------------------ elastic (engine)
+    def elastic_state(self, **fields):
+        """Horovod's TorchState over the model and the (Distributed)optimizer, carrying
+        `fields` as synchronised attributes (hvdscale/engine/elastic.py)."""
+        # Order matters: on a newcomer (empty optimizer state) Horovod's
+        # broadcast_optimizer_state first takes one zero-gradient step to create the state,
+        # which moves weight-decayed parameters. TorchState(model=, optimizer=) syncs the
+        # model first, so a newcomer would keep those moved weights; synced in this order,
+        # the model broadcast comes last and every rank holds rank 0's parameters.
+        return self.comm.hvd.elastic.TorchState(synced_optimizer=self.optimizer,
+                                                synced_model=self.model, **fields)
+
+    def elastic_run(self, fn):
+        return self.comm.hvd.elastic.run(fn)
+
+    def set_accumulation(self, passes):
+        """Micro-batches per optimizer step after the world changed (elastic.policy
+        keep_global_batch): the step splits the batch, Horovod allreduces after `passes`."""
+        import dataclasses
+        self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
+            self.cfg.batch, accumulation=passes))
+        if hasattr(self.optimizer, "set_backward_passes_per_step"):
+            self.optimizer.set_backward_passes_per_step(passes)

@@ -4,7 +4,9 @@
 
 Before training, each rank writes its process id to DUMP_DIR/pid-rank<r> (so a test can
 kill -9 one rank from outside) and its network namespace to DUMP_DIR/netns-rank<r>; after
-training it writes its trainable parameters to DUMP_DIR/params-rank<r>.npz. The exit code and stderr are those of `hvdscale train`.
+training (when the engine's run returned: finished, paused or preempted) it writes its
+trainable parameters to DUMP_DIR/params-rank<r>.npz. The exit code and stderr are those of
+`hvdscale train`.
 """
 import argparse
 import os
@@ -23,16 +25,23 @@ def main(dump, argv):
     parser = argparse.ArgumentParser()
     train_cmd.add_arguments(parser)
     args = parser.parse_args(argv)
-    built = {}
     original = train_cmd.build_engine
 
     def build_and_note(a):
         engine = original(a)
-        built["engine"] = engine
         rank = engine.comm.rank
         (dump / f"pid-rank{rank}").write_text(str(os.getpid()))
         # which network namespace ("host") this rank runs in, for the multi-host test
         (dump / f"netns-rank{rank}").write_text(os.readlink("/proc/self/ns/net"))
+        run = engine.run
+
+        def run_and_dump():      # before `hvdscale train` exits (at once after a preemption)
+            result = run()
+            params = engine.backend.parameters()
+            np.savez(dump / f"params-rank{engine.comm.rank}.npz",
+                     **{f"p{i:04d}": params[k] for i, k in enumerate(sorted(params))})
+            return result
+        engine.run = run_and_dump
         return engine
 
     train_cmd.build_engine = build_and_note
@@ -41,11 +50,6 @@ def main(dump, argv):
     except UsageError as err:
         print(f"hvdscale train: error: {err}", file=sys.stderr)
         return 2
-    engine = built["engine"]
-    if code == 0:
-        params = engine.backend.parameters()
-        np.savez(dump / f"params-rank{engine.comm.rank}.npz",
-                 **{f"p{i:04d}": params[k] for i, k in enumerate(sorted(params))})
     return code
 
 

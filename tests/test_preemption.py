@@ -1,0 +1,153 @@
+"""Preemption: SIGTERM/SIGUSR1 end a run cleanly with one checkpoint at the signalled step.
+
+- `horovodrun -np 2` (Gloo) gets SIGTERM mid-epoch, as a scheduler sends it to the job's
+  launcher: horovodrun forwards SIGTERM to the ranks (SIGKILL 5 s later), the ranks agree at
+  a step boundary, rank 0 writes the checkpoint of that step (not the last periodic one), every
+  rank exits 0, horovodrun exits 0 well within 60 s; `--resume` then ends with the parameters
+  of an uninterrupted run. Both frameworks.
+- `mpirun -np 2`: SIGUSR1 to rank 1 only (as `scancel --signal=USR1` to one task would do;
+  rank 0 never sees a signal) with HVDSCALE_REQUEUE_EXIT_CODE=75: both ranks stop at the same
+  step, and mpirun exits 75; two more signals during the stop do not disturb the save.
+- PreemptionWatch in one process: handlers only record, a second signal is counted.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, WORKERS, horovodrun, job_env, tool
+from hvdscale.comm import Comm
+from hvdscale.engine.checkpoint import CheckpointStore
+from hvdscale.engine.preemption import PreemptionWatch
+
+WORKER = WORKERS / "fault_train.py"
+EVERY = 8        # periodic checkpoints; 16 steps per epoch, 40 steps
+RUN = ["--set", "data.train_limit=2048", "--set", "data.test_limit=200",
+       "--set", "batch.per_worker=64", "--set", "batch.reference=128",
+       "--set", "train.max_steps=40", "--set", "lr.warmup_steps=4",
+       "--set", "train.eval_every_steps=20", "--set", f"checkpoint.every_steps={EVERY}",
+       "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+FRAMEWORK = {"torch": ["--set", "framework=torch", "--set", "optimizer.name=lamb"],
+             "tensorflow": ["--set", "framework=tensorflow", "--set", "optimizer.name=sgd"]}
+
+
+def params(path):
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def wait_for(predicate, timeout, proc):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def signalled_run(cmd, out, send, env=None, timeout=60):
+    """Start `cmd`, call send(proc) once the first periodic checkpoint exists, and return
+    (output, exit code, seconds from the signal to the job's end)."""
+    first = out / "checkpoints" / f"step-{EVERY:08d}.json"
+    proc = subprocess.Popen([str(c) for c in cmd], env=env or job_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(first.exists, 240, proc), "the job ended before its first checkpoint"
+        send(proc)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=timeout)
+        return output, proc.returncode, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def check_preempted(out, output, signame, code):
+    """One complete checkpoint at the signalled step, mid-epoch, after the periodic one."""
+    marker = json.loads((out / "preempted.json").read_text())
+    step = marker["step"]
+    assert EVERY < step < 16, marker          # one or two steps after the signal, mid-epoch
+    assert marker["checkpoint"] == f"step-{step:08d}" and marker["exit_code"] == code
+    meta, state = CheckpointStore(out / "checkpoints").latest()
+    assert meta["step"] == step and state.stat().st_size == meta["state_size"]
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    assert f"at step {step} of 40: checkpoint step-{step:08d} written" in output, output[-3000:]
+    assert signame in output
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "preempted" and events[-1]["step"] == step
+    return step
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_sigterm_to_horovodrun_then_resume_equals_uninterrupted(framework, tmp_path):
+    run = [*FRAMEWORK[framework], *RUN]
+    whole = tmp_path / "whole"
+    horovodrun(2, sys.executable, WORKER, whole, *run, "--out", whole / "run", timeout=300)
+
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    cmd = [tool("horovodrun"), "-np", "2", "--gloo", sys.executable, WORKER, dump, *run,
+           "--out", out]
+    output, code, took = signalled_run(cmd, out, lambda proc: proc.send_signal(signal.SIGTERM))
+    print(f"{framework}: horovodrun exited {code} {took:.1f} s after SIGTERM")  # reliability.md
+    assert code == 0, output[-3000:]
+    assert took < 60
+    step = check_preempted(out, output, "received SIGTERM", 0)
+    # both ranks stopped at the same step, with identical parameters
+    p0, p1 = params(dump / "params-rank0.npz"), params(dump / "params-rank1.npz")
+    assert all(p0[k].tobytes() == p1[k].tobytes() for k in p0)
+
+    proc = horovodrun(2, sys.executable, WORKER, dump, *run, "--out", out, "--resume",
+                      timeout=300)
+    assert f"at step {step}" in proc.stdout and "resumed from" in proc.stdout
+    assert not (out / "preempted.json").exists()
+    resumed, reference = params(dump / "params-rank0.npz"), params(whole / "params-rank0.npz")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
+@pytest.mark.multiproc
+def test_sigusr1_to_one_rank_under_mpirun_requeue_code(tmp_path):
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-bind-to", "none",
+           sys.executable, WORKER, dump, *FRAMEWORK["torch"], *RUN, "--out", out]
+
+    def signal_rank1(proc):
+        pid = int((dump / "pid-rank1").read_text())
+        for _ in range(3):       # the later ones land while the ranks stop and save
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.3)
+
+    output, code, took = signalled_run(cmd, out, signal_rank1,
+                                       env=job_env(HVDSCALE_REQUEUE_EXIT_CODE=75))
+    print(f"mpirun: exited {code} {took:.1f} s after SIGUSR1 to rank 1")
+    assert code == 75, output[-3000:]
+    # rank 0 saw no signal itself: it stopped because the ranks agreed
+    check_preempted(out, output, "a peer received a preemption signal", 75)
+    p0, p1 = params(dump / "params-rank0.npz"), params(dump / "params-rank1.npz")
+    assert all(p0[k].tobytes() == p1[k].tobytes() for k in p0)
+
+
+def test_watch_records_signals_and_counts_repeats():
+    watch = PreemptionWatch(Comm("torch")).install()
+    try:
+        assert not watch.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)       # a second one, e.g. during the save
+        time.sleep(0.05)
+        assert watch.signal_name == "SIGUSR1" and watch.repeats == 1
+        assert watch.should_stop() and watch.should_stop()
+        assert "received SIGUSR1 (1 more during the save, ignored)" == watch.describe()
+    finally:
+        watch.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
