@@ -86,3 +86,17 @@ def test_byo_recipe_trains_under_horovodrun(framework, tmp_path):
     assert summary["steps"] == 2048 // 64
     # the patterns are easy: a real model on real batches learns them within the epoch
     assert summary["final_test_accuracy"] > 0.9, summary
+
+
+@pytest.mark.multiproc
+def test_bad_entry_point_is_refused_by_every_rank(tmp_path):
+    """Under horovodrun -np 2 both ranks stop with the same line and exit 2, no rank waits."""
+    from test_bad_input import refused_by_every_rank
+    pythonpath = os.pathsep.join([str(BYO), str(PLUGINS), str(REPO),
+                                  os.environ.get("PYTHONPATH", "")])
+    proc = horovodrun(2, tool("hvdscale"), "train", RECIPE, *QUIET,
+                      "--set", "model.name=bad_factories:wrong_classes", "--out", tmp_path / "run",
+                      check=False, timeout=120, PYTHONPATH=pythonpath)
+    refused_by_every_rank(proc, "model.name 'bad_factories:wrong_classes': the model returns "
+                                "[2, 3] for a batch of 2, expected logits [2, 4]")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
