@@ -16,6 +16,7 @@ class Backend(Protocol):
     checkpoint_suffix: str    # ".pt" | ".npz"
     device_description: str   # "cpu" or the GPU's name
     precision: str            # "fp32" | "bf16" | "fp16" (train.precision)
+    input_layout: str         # "NCHW" (torch) | "NHWC" (TF): how array sources store images
 
     def build(self) -> None:
         """Create model and optimizer (master weights fp32), set the precision policy and
@@ -35,17 +36,20 @@ class Backend(Protocol):
         micro-batches, gradients averaged over ranks by Horovod. No host read of a device
         value: loss sum, example count and the non-finite flag accumulate on the device.
         The non-finite decision is taken from the *averaged* gradients (equal on every rank);
-        `faults.nonfinite: skip` drops the update on every rank, `abort` is reported by
-        read_stats()."""
+        `faults.nonfinite: skip` drops the update on every rank (TF: inside the step
+        function; torch: one flag read per step), `abort` is reported by read_stats().
+        Host (NumPy) batches are accepted too and converted."""
 
     def read_stats(self) -> Dict[str, float]:
         """The one host read, at the engine's log/progress/eval/checkpoint points: returns
         {"loss_sum": float, "examples": int, "steps": int, "nonfinite_steps": int,
          "first_nonfinite_step": int | None} accumulated since the last call (this rank),
-        and resets the accumulators."""
+        and resets the accumulators. first_nonfinite_step counts steps from that last call
+        (0 = the first step after it)."""
 
-    def evaluate(self, batches: Iterable[Batch]) -> Tuple[int, int, float]:
-        """(correct, count, summed loss) over this rank's share of the test set."""
+    def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> Tuple[int, int, float]:
+        """(correct, count, summed loss) over this rank's share of the test set; the batches
+        go through device_batches() inside, and the totals are read once at the end."""
 
     def sync_statistics(self) -> None:
         """Average non-trained state that drifts per rank (BatchNorm running statistics), so
