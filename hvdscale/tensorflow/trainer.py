@@ -93,9 +93,8 @@ class TensorFlowTrainer:
         c = self.cfg
         if self._model_fn is not None:
             return self._model_fn(c)
-        from hvdscale.tensorflow.models import build_model
-        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
-                           zero_init_residual=c.model.zero_init_residual)
+        from hvdscale.registry import build_model   # the zoo or model.name "pkg.mod:factory"
+        return build_model(c)
 
     def build(self):
         import keras

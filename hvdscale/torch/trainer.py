@@ -77,9 +77,8 @@ class TorchTrainer:
         c = self.cfg
         if self._model_fn is not None:
             return self._model_fn(c)
-        from hvdscale.torch.models import build_model
-        return build_model(c.model.name, c.data.num_classes, c.in_channels, c.data.image_size,
-                           zero_init_residual=c.model.zero_init_residual)
+        from hvdscale.registry import build_model   # the zoo or model.name "pkg.mod:factory"
+        return build_model(c)
 
     def build(self):
         torch.manual_seed(self.cfg.train.seed)
