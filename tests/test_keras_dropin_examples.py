@@ -28,7 +28,8 @@ hvd.init()
 model = hvd.load_model(sys.argv[1])
 _, _, x, y = load_fashion_mnist()
 loss, accuracy = model.evaluate(x[:2000, ..., None] / 255.0, y[:2000], verbose=0)
-print(json.dumps({"accuracy": accuracy, "distributed": isinstance(model.optimizer, DistributedMixin),
+print(json.dumps({"accuracy": accuracy,
+                  "distributed": isinstance(model.optimizer, DistributedMixin),
                   "optimizer": type(model.optimizer).__name__,
                   "iterations": int(model.optimizer.iterations.numpy())}))
 """
@@ -40,7 +41,7 @@ def test_horovods_keras_mnist_example_trains_under_keras3(tmp_path, controller):
     cmd = [tool("horovodrun"), "-np", "2", flag, sys.executable,
            str(EXAMPLES / "tensorflow2_keras_mnist.py")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=job_env(EPOCHS=2, STEPS=40), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Epoch 2/2" in proc.stdout
     checkpoint = tmp_path / "checkpoint-2.keras"
@@ -62,7 +63,7 @@ def test_torch_loop_example_with_hvdscale_pieces(tmp_path, optimizer, accumulati
     per_worker, rows = 32, 4096
     horovodrun(2, sys.executable, EXAMPLES / "torch_horovod_lamb.py", "--optimizer", optimizer,
                "--epochs", 1, "--batch-size", per_worker, "--accumulation", accumulation,
-               "--train-rows", rows, "--noise-every", 4, "--out", tmp_path, timeout=240)
+               "--train-rows", rows, "--noise-every", 4, "--out", tmp_path, timeout=600)
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     params = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for a, b in zip(*params):

@@ -177,6 +177,37 @@ def noise_case(rank, x, y):
             "logs": {k: v[-1] for k, v in history.history.items() if k != "loss"}}
 
 
+def momentum_case(x, y):
+    """Momentum correction (one process, no collectives): model.fit with
+    LearningRateScheduleCallback against an eager loop doing what Horovod's callback does --
+    for the step where the lr changes from old to new, SGD's momentum coefficient is
+    momentum * new / old, then restored."""
+    multiplier = lambda epoch: 0.5 ** epoch  # noqa: E731
+    rows, batches, epochs = PER_RANK * 4, 4, 3
+    fitted = model(seed=4)
+    fitted.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
+                   optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    fitted.fit(x[:rows], y[:rows], batch_size=PER_RANK, epochs=epochs, shuffle=False, verbose=0,
+               callbacks=[hvd.callbacks.LearningRateScheduleCallback(0.2, multiplier)])
+    manual = model(seed=4)
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    lr = 0.1
+    for epoch in range(epochs):
+        for b in range(batches):
+            xb, yb = x[b * PER_RANK:(b + 1) * PER_RANK], y[b * PER_RANK:(b + 1) * PER_RANK]
+            new_lr = 0.2 * multiplier(epoch) if b == 0 else lr
+            opt.learning_rate = new_lr
+            opt.momentum = 0.9 * new_lr / lr
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, manual(xb, training=True))
+            grads = tape.gradient(loss, manual.trainable_variables)
+            opt.apply_gradients(zip(grads, manual.trainable_variables))   # eager: reads momentum
+            opt.momentum, lr = 0.9, new_lr
+    np.savez(OUT / "momentum.fit.npz", *fitted.get_weights())
+    np.savez(OUT / "momentum.horovod_rule.npz", *manual.get_weights())
+
+
 def main():
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -195,13 +226,14 @@ def main():
 
     import pytest
     cases = Path(__file__).with_name("keras_horovod_cases.py")
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-                        "--rootdir", str(cases.parent), str(cases)])
+    code = pytest.main(["-q", "--color=no", "-p", "no:cacheprovider", "-W",
+                        "ignore::DeprecationWarning", "--rootdir", str(cases.parent), str(cases)])
     (OUT / f"cases.rank{rank}.txt").write_text(str(int(code)))
     if rank == 0:
         for name in FIT_CASES:
             if not only or name in only.split(","):
                 single_case(name, size, x, y)
+        momentum_case(x, y)
 
 
 if __name__ == "__main__":

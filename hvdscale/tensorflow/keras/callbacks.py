@@ -30,7 +30,7 @@ from hvdscale.errors import ConfigError
 from hvdscale.tensorflow.keras.optimizer import tf_variable
 
 
-def _broadcast(variables, root_rank, tag):
+def _broadcast(variables, root_rank):
     variables = [tf_variable(v) for v in variables]
     if variables:
         hvd.broadcast_variables(variables, root_rank=root_rank)
@@ -58,10 +58,10 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     def _broadcast_now(self):
         model_vars = [v for v in self.model.variables if id(tf_variable(v)) not in self._local_ids]
         with tf.device(self.device):
-            _broadcast(model_vars, self.root_rank, "model")
+            _broadcast(model_vars, self.root_rank)
             optimizer = getattr(self.model, "optimizer", None)
             if optimizer is not None and optimizer.built:
-                _broadcast(optimizer.variables, self.root_rank, "optimizer")
+                _broadcast(optimizer.variables, self.root_rank)
         self.broadcast_done = True
 
     def on_train_begin(self, logs=None):
@@ -150,8 +150,9 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         new_lr = self.initial_lr * self.multiplier(epoch)
         optimizer.learning_rate = new_lr
         momentum = getattr(optimizer, "momentum", None)
+        # before the first update (optimizer not built yet) the buffers are zero: nothing to do
         if self.momentum_correction and isinstance(momentum, (int, float)) and momentum \
-                and old_lr > 0 and new_lr != old_lr:
+                and optimizer.built and old_lr > 0 and new_lr != old_lr:
             buffers = _momentum_buffers(optimizer)
             if not buffers:
                 warnings.warn(f"{type(optimizer).__name__}: no momentum buffers found, "
