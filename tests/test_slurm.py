@@ -2,6 +2,7 @@
 prints for the same layout. The templates run under bash with an allocation's SLURM_*
 variables and a stand-in `srun` on PATH that records its argv (no Slurm here; the thing under
 test is our script). Also: bash -n and shellcheck on every shell script we ship."""
+import json
 import os
 import shlex
 import shutil
@@ -362,3 +363,73 @@ def test_scripts_are_executable():
     for script in SCRIPTS:
         if script.suffix in (".sh", ".sbatch") or script.name in ("hvdscale-run", "run"):
             assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+# ---------------------------------------------------------------------------------------
+# a real job: the template, a stand-in srun that runs the step with mpirun, hvdscale train
+
+
+MPIRUN_SRUN = r"""#!/bin/sh
+# srun stand-in: the job step on this machine with mpirun (which passes USR1 to every rank)
+n=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --ntasks) n=$2; shift 2 ;;
+        --nodes|--ntasks-per-node|--cpus-per-task) shift 2 ;;
+        --export=*) for kv in $(echo "${1#--export=}" | tr , ' '); do
+                        case $kv in OMP_NUM_THREADS=*) export "$kv" ;; esac
+                    done; shift ;;
+        --*) shift ;;
+        *) break ;;
+    esac
+done
+exec mpirun --allow-run-as-root --oversubscribe -np "$n" -bind-to none "$@"
+"""
+REAL_RUN = ["--set", "framework=torch", "--set", "data.train_limit=2048",
+            "--set", "data.test_limit=200", "--set", "batch.per_worker=64",
+            "--set", "batch.reference=128", "--set", "train.max_steps=24",
+            "--set", "lr.warmup_steps=4", "--set", "checkpoint.every_steps=8",
+            "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+
+
+@pytest.mark.multiproc
+def test_template_requeues_a_real_preempted_job_and_the_restart_resumes(cluster, tmp_path):
+    """USR1 to the batch shell (--signal=B:USR1@N) -> srun (here mpirun) -> both ranks stop at
+    one step with a checkpoint and exit 75 -> `scontrol requeue`; the restarted job
+    (SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes."""
+    (tmp_path / "bin" / "srun").write_text(MPIRUN_SRUN)
+    out = tmp_path / "run"
+    args = [str(REPO / "pipelines" / "fashion_mnist_lamb.yaml"), *REAL_RUN, "--out", str(out)]
+    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "2",
+             "SLURM_JOB_ID": "77", "HVDSCALE_REQUEUE": "1",
+             "PATH": f"{tmp_path / 'bin'}:{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+             "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc, _ = cluster.start(SLURM / "hvdscale-cpu.sbatch", args, **slurm)
+    first = out / "checkpoints" / "step-00000008.json"
+    deadline = time.monotonic() + 240
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    print(f"template: batch shell exited {proc.returncode} {took:.1f} s after USR1")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert took < 60
+    marker = json.loads((out / "preempted.json").read_text())
+    assert 8 < marker["step"] < 24 and marker["exit_code"] == 75
+    assert marker["checkpoint"] == f"step-{marker['step']:08d}"
+    assert cluster.scontrol_calls.read_text().split() == ["requeue", "77"]
+    assert "requeueing job 77" in stderr
+
+    cluster.scontrol_calls.unlink()
+    proc, _ = cluster.start(SLURM / "hvdscale-cpu.sbatch", args, SLURM_RESTART_COUNT="1", **slurm)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"at step {marker['step']}" in stdout and "resumed from" in stdout
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 24 and summary["workers"] == 2
+    assert not cluster.scontrol_calls.exists() and not (out / "preempted.json").exists()
