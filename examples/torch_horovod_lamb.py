@@ -38,7 +38,7 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=64, help="per worker, per backward pass")
     p.add_argument("--accumulation", type=int, default=1, help="backward passes per update")
     p.add_argument("--base-lr", type=float, default=None,
-                   help="lr tuned at --reference-batch (default: 2e-3 LAMB, 0.5 LARS)")
+                   help="lr tuned at --reference-batch (default: 1e-2 LAMB, 0.5 LARS)")
     p.add_argument("--reference-batch", type=int, default=64)
     p.add_argument("--train-rows", type=int, default=60000, help="use the first N images")
     p.add_argument("--noise-every", type=int, default=10, help="0 switches the estimate off")
@@ -71,7 +71,7 @@ def main():
     total_steps = max(1, int(args.epochs * steps_per_epoch))
     big_batch = global_batch(size, batch, accumulation)
     if args.optimizer == "lamb":   # Adam-type: square-root scaling
-        base_lr = args.base_lr or 2e-3
+        base_lr = args.base_lr or 1e-2
         peak_lr = scale_lr(base_lr, args.reference_batch, big_batch, rule="sqrt")
         optimizer = LAMB(model.parameters(), lr=peak_lr, weight_decay=0.01)
     else:                          # SGD-type: linear scaling (Goyal et al.)
@@ -87,7 +87,9 @@ def main():
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          backward_passes_per_step=accumulation)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    # a fresh optimizer has no state to broadcast; after loading a checkpoint, also call
+    # hvd.broadcast_optimizer_state (on a fresh LAMB it would take a zero-gradient step,
+    # which weight decay turns into a real update)
     scheduler = LRScheduleAdapter(optimizer, schedule)   # lr = schedule(update step)
 
     # the noise scale needs two gradients of different batch sizes: one worker's micro-batch
