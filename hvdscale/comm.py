@@ -4,6 +4,9 @@
 without Horovod (or with `horovod=False`) a single-process Comm with the same methods stands in,
 so the engine has no `if distributed` branches.
 """
+import os
+from typing import Dict, Mapping, Optional
+
 import numpy as np
 
 from hvdscale.errors import ConfigError
@@ -157,6 +160,45 @@ class _Pending:
         return self._value
 
 
+# Variables by which horovodrun, mpirun, PMI(x) and Slurm tell a process how many ranks the
+# job has (the same list `hvdscale train` checks).
+WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE",
+                   "SLURM_NTASKS")
+# With one worker nothing goes through Horovod (its optimizers register no hooks and Comm skips
+# every collective), yet its background thread wakes every HOROVOD_CYCLE_TIME: at Horovod's
+# 1 ms that is ~1000 wake-ups/s of a thread that shares the cores with the compute threads.
+# With more workers Horovod's own 1 ms stays: on the 2-core node 5/10/20 ms cycles were slower
+# (benchmarks/RESULTS.md, "Horovod settings"; docs/training.md).
+SINGLE_WORKER_CYCLE_TIME_MS = "50"
+
+
+def launched_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many ranks the launcher started (1 when no launcher says otherwise)."""
+    environ = os.environ if environ is None else environ
+    for var in WORLD_SIZE_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1
+
+
+def horovod_env_defaults(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The Horovod settings hvdscale sets before hvd.init() in this process: only those the
+    environment does not set already (the user's value always wins)."""
+    environ = os.environ if environ is None else environ
+    wanted = {}
+    if launched_world_size(environ) == 1 and environ.get("HOROVOD_ELASTIC") != "1":
+        wanted["HOROVOD_CYCLE_TIME"] = SINGLE_WORKER_CYCLE_TIME_MS
+    return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def apply_horovod_defaults(environ=None) -> Dict[str, str]:
+    """Set horovod_env_defaults() in `environ` (os.environ); returns what was set."""
+    environ = os.environ if environ is None else environ
+    chosen = horovod_env_defaults(environ)
+    environ.update(chosen)
+    return chosen
+
+
 def init_comm(framework, horovod=True):
     """Initialise Horovod for `framework` (torch | tensorflow) and return a Comm.
 
@@ -174,5 +216,6 @@ def init_comm(framework, horovod=True):
             import horovod.tensorflow as hvd
     except ImportError:
         return Comm(framework)
+    apply_horovod_defaults()      # read by Horovod's background thread when it starts
     hvd.init()
     return Comm(framework, hvd)

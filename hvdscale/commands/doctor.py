@@ -88,6 +88,23 @@ def _gpus():
     return seen
 
 
+def _horovod_settings():
+    """The Horovod environment a job started from this shell would run with: the user's
+    HOROVOD_* values and what hvdscale sets before hvd.init() (hvdscale/comm.py)."""
+    import os
+    from hvdscale.comm import SINGLE_WORKER_CYCLE_TIME_MS, horovod_env_defaults
+    one = horovod_env_defaults({k: v for k, v in os.environ.items()
+                                if k not in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE")})
+    many = horovod_env_defaults(dict(os.environ, HOROVOD_SIZE="2"))
+    cycle = os.environ.get("HOROVOD_CYCLE_TIME")
+    return {
+        "HOROVOD_CYCLE_TIME": f"{cycle} ms (environment)" if cycle else
+        f"{one.get('HOROVOD_CYCLE_TIME', SINGLE_WORKER_CYCLE_TIME_MS)} ms with one worker "
+        f"(hvdscale), {many.get('HOROVOD_CYCLE_TIME', '1')} ms with more (Horovod)",
+        "user_set": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOROVOD_")},
+    }
+
+
 def collect():
     report = {"python": platform.python_version(), "platform": platform.platform()}
     problems = {}
@@ -100,6 +117,7 @@ def collect():
     report["mpi"] = _mpi_version()
     report["horovod_build"] = _horovod_build()
     report["gpus"] = _gpus()
+    report["horovod_settings"] = _horovod_settings()
     report["problems"] = problems
     return report
 
@@ -146,6 +164,11 @@ def run(args):
         print(f"{'controllers':<{width}} {marks(['gloo', 'mpi'])}")
         print(f"{'tensor ops':<{width}} {marks(['nccl', 'mpi', 'gloo', 'ddl', 'ccl'])}")
     print(f"{'gpus':<{width}} {', '.join(report['gpus']) if report['gpus'] else 'none seen'}")
+    settings = report["horovod_settings"]
+    print(f"{'hvd cycle':<{width}} {settings['HOROVOD_CYCLE_TIME']}")
+    if settings["user_set"]:
+        print(f"{'hvd env':<{width}} "
+              + " ".join(f"{k}={v}" for k, v in settings["user_set"].items()))
     print(f"{'executable':<{width}} {sys.executable}")
     print(report["verdict"])
     return 0 if ok else 1
