@@ -44,7 +44,8 @@ def _const(value, dtype):
 
 
 def _norm(x):
-    return tf.sqrt(tf.reduce_sum(tf.square(x)))
+    # one reduction kernel (EuclideanNorm), not a squared copy and then a sum
+    return tf.math.reduce_euclidean_norm(x)
 
 
 def _handle(variable):
@@ -200,7 +201,7 @@ class LAMB(_LayerwiseOptimizer):
             beta2_power=b2_power, lr=-tf.ones([], dtype), beta1=b1, beta2=b2, epsilon=eps,
             grad=g, use_locking=False, use_nesterov=False)
         direction = u.read_value()
-        w_norm, u_norm = tf.norm(w), tf.norm(direction)
+        w_norm, u_norm = _norm(w), _norm(direction)
         if self.clamp_value is not None:
             w_norm = tf.minimum(w_norm, _const(self.clamp_value, dtype))
         trusted = tf.logical_and(w_norm > 0, u_norm > 0)
