@@ -5,7 +5,7 @@ Protocol v2 (docs/architecture.md, "Engine protocol"): batches are opaque framew
 already on the worker's device, in the backend's layout; a step never reads the device from
 the host; the engine asks for the step statistics at its log interval only.
 """
-from typing import Any, Dict, Iterable, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Protocol, Tuple
 
 Batch = Any          # (images, labels) as framework tensors on this worker's device
 
@@ -63,3 +63,19 @@ class Backend(Protocol):
 
     def parameters(self) -> Dict[str, Any]:
         """Trainable parameters by name as NumPy arrays (tests compare them)."""
+
+    # elastic mode (`hvdscale train --elastic`, hvdscale/engine/elastic.py)
+    elastic: bool             # set by the engine before build(): then build() runs no
+    #                           collective (newcomers get rank 0's state from the State's sync)
+
+    def elastic_state(self, **fields: Any) -> Any:
+        """A horovod.common.elastic.State over model and optimizer (save = commit in memory,
+        restore = back to the last commit, sync = rank 0's state to every rank) that also
+        carries `fields` as synchronised attributes (the engine's loop position)."""
+
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """The framework's hvd.elastic.run(fn): re-runs fn(state) after a lost peer (state
+        restored) or a host change, with Horovod re-initialised for the new world."""
+
+    def set_accumulation(self, passes: int) -> None:
+        """Micro-batches per optimizer step from now on (elastic.policy keep_global_batch)."""
