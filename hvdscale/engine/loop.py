@@ -156,30 +156,33 @@ class Engine:
         if not self.elastic:
             found = self.comm.broadcast_object(found)
         if found is not None and found[0] == "error":
-            raise ConfigError(found[1])
+            raise ConfigError(found[1], setting="checkpoint")
         if found is None:
-            self.echo(f"--resume: no checkpoint in {self.store.dir}, starting from step 0")
+            self.echo(f"resume: no checkpoint in {self.store.dir}, starting from step 0")
             return False
         meta, data = found
         if meta.get("framework") != self.backend.framework:
-            raise ConfigError(f"--resume: checkpoint step {meta['step']} was written by "
-                              f"{meta.get('framework')}, this run is {self.backend.framework}")
+            raise ConfigError(f"checkpoint step {meta['step']} was written by "
+                              f"{meta.get('framework')}, this run is {self.backend.framework}",
+                              setting="checkpoint")
         if self.elastic:         # the world may differ; the per-rank recipe batch may not
             per_step = meta.get("recipe_per_rank_batch")
             if per_step is not None and per_step != self.per_step:
-                raise ConfigError(f"--resume: checkpoint step {meta['step']} has "
+                raise ConfigError(f"checkpoint step {meta['step']} has "
                                   f"{per_step} examples per rank and step in its recipe, "
-                                  f"this run {self.per_step}")
+                                  f"this run {self.per_step}", setting="checkpoint")
             self.reference_workers = int(meta.get("reference_workers", meta["workers"]))
         elif meta.get("global_batch") != self.global_batch or \
                 meta.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ConfigError(f"--resume: checkpoint has global batch {meta.get('global_batch')} "
+            raise ConfigError(f"checkpoint has global batch {meta.get('global_batch')} "
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
-                              f"{self.global_batch} and {self.steps_per_epoch}")
+                              f"{self.global_batch} and {self.steps_per_epoch}",
+                              setting="checkpoint")
         try:
             self.backend.load_state_bytes(data)
         except ConfigError as err:
-            raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}") from None
+            raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}",
+                              setting="checkpoint") from None
         self.step = int(meta["step"])
         self.examples = int(meta.get("examples", self.step * self.global_batch))
         self.train_time = float(meta.get("train_time_s", 0.0))

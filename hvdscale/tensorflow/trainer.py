@@ -385,22 +385,25 @@ class TensorFlowTrainer:
     def load_state_bytes(self, data):
         try:
             self._load_npz(data)
+        except ConfigError:      # already says what does not fit (ConfigError is a ValueError)
+            raise
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise ConfigError(f"--resume: checkpoint is unreadable ({type(err).__name__}: "
-                              f"{err})") from None
+            raise ConfigError(f"checkpoint is unreadable ({type(err).__name__}: {err})",
+                              setting="checkpoint") from None
 
     def _load_npz(self, data):
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             for group, variables in self._state_variables().items():
                 names = list(npz[f"{group}__names"])
                 if len(names) != len(variables):
-                    raise ConfigError(f"--resume: checkpoint has {len(names)} {group} variables, "
-                                      f"this run {len(variables)}")
+                    raise ConfigError(f"checkpoint has {len(names)} {group} variables, "
+                                      f"this run {len(variables)}", setting="checkpoint")
                 for i, v in enumerate(variables):
                     value = npz[f"{group}__{i:05d}"]
                     if tuple(value.shape) != tuple(v.shape):
-                        raise ConfigError(f"--resume: checkpoint {group} variable {names[i]} has "
-                                          f"shape {value.shape}, this run {tuple(v.shape)}")
+                        raise ConfigError(f"checkpoint {group} variable {names[i]} has "
+                                          f"shape {value.shape}, this run {tuple(v.shape)}",
+                                          setting="checkpoint")
                     v.assign(value)
 
     def parameters(self):

@@ -345,16 +345,17 @@ class TorchTrainer:
             state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - bad bytes raise many kinds in torch.load
             first = str(err).splitlines()[0] if str(err) else ""
-            raise ConfigError(f"--resume: checkpoint is unreadable or holds more than plain "
-                              f"tensors ({type(err).__name__}: {first})") from None
+            raise ConfigError(f"checkpoint is unreadable or holds more than plain "
+                              f"tensors ({type(err).__name__}: {first})",
+                              setting="checkpoint") from None
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise ConfigError(f"--resume: checkpoint does not fit this model/optimizer "
-                              f"({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"checkpoint does not fit this model/optimizer "
+                              f"({str(err).splitlines()[0]})", setting="checkpoint") from None
         torch.set_rng_state(state["torch_rng"].cpu())
 
     def parameters(self):
