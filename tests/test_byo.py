@@ -6,7 +6,6 @@ the CLI's main, one plain process, which is where the checks live; test_bad_inpu
 all-ranks behaviour of such errors under horovodrun)."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
