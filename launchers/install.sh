@@ -147,7 +147,18 @@ run "${PIPI[@]}" cloudpickle psutil pyyaml packaging
 step "DALI" "nvidia-dali-cuda130==$DALI_V"
 run "${PIPI[@]}" "nvidia-dali-cuda130==$DALI_V"
 step "DALI TensorFlow plugin" "nvidia-dali-tf-plugin-cuda130==$DALI_V (compiles against TF)"
-run "${PIPI[@]}" --no-build-isolation "nvidia-dali-tf-plugin-cuda130==$DALI_V"
+# Its DALI stub includes the CUDA runtime headers. Without a CUDA toolkit (CPU-only machines,
+# the CPU image) they come from NVIDIA's header wheels, unpacked for this build only.
+PLUGIN_ENV=()
+HEADERS=""
+if [ ! -f "${CUDA_HOME:-/usr/local/cuda}/include/cuda_runtime_api.h" ]; then
+    HEADERS=$(mktemp -d)
+    run "${PIP[@]}" download --no-deps -d "$HEADERS/wheels" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*"
+    for whl in "$HEADERS"/wheels/*.whl; do run "$VENV/bin/python" -m zipfile -e "$whl" "$HEADERS/tree"; done
+    PLUGIN_ENV=(env "CPATH=$HEADERS/tree/nvidia/cu13/include${CPATH:+:$CPATH}")
+fi
+run "${PLUGIN_ENV[@]}" "${PIPI[@]}" --no-build-isolation "nvidia-dali-tf-plugin-cuda130==$DALI_V"
+[ -z "$HEADERS" ] || rm -rf "$HEADERS"
 
 # ---------------------------------------------------------------------------------------
 step "verify" "horovod.torch horovod.tensorflow"
