@@ -486,7 +486,8 @@ class Engine:
         self.comm.refresh()
         self.step, self.examples = loop["step"], loop["examples"]
         self.train_time, self.nonfinite.skipped = loop["train_time"], loop["skipped"]
-        self.reference_workers, self.last_accuracy = loop["reference_workers"], loop["last_accuracy"]
+        self.reference_workers = loop["reference_workers"]
+        self.last_accuracy = loop["last_accuracy"]
         t = self.tracker
         t.best, t.steps_to_target, t.time_to_target, t.epochs_to_target = loop["tracker"]
         cfg, b, k = self.cfg, self.cfg.batch, self.comm.size
