@@ -43,6 +43,16 @@ def test_batch_plan_policies():
     assert batch_plan("rescale_lr", 2, 2, 32, 1, 64, "none")[2] == pytest.approx(1.0)
 
 
+def test_check_elastic_refusals():
+    from hvdscale.config import load_config
+    from hvdscale.engine.elastic import check_elastic
+    check_elastic(load_config(None, ["framework=tensorflow"]))       # both frameworks
+    with pytest.raises(ConfigError, match="--no-horovod"):
+        check_elastic(load_config(None, []), no_horovod=True)
+    with pytest.raises(ConfigError, match="horovod.adasum"):
+        check_elastic(load_config(None, ["horovod.adasum=true"]))
+
+
 def events(out):
     path = out / "metrics.jsonl"
     if not path.exists():

@@ -154,3 +154,41 @@ def test_watch_records_signals_and_counts_repeats():
     finally:
         watch.uninstall()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+class _TwoRanks:
+    """A stand-in for a 2-rank Comm: the flag allreduce takes the max with the other
+    rank's flag (what the real one would return)."""
+    distributed = True
+
+    def __init__(self):
+        self.peer_flag = 0
+        self.started = []
+
+    def allreduce_async(self, value, op="max"):
+        assert op == "max"
+        self.started.append(int(value))
+        result = max(int(value), self.peer_flag)
+        return type("Handle", (), {"wait": lambda self: result})()
+
+
+def test_agreement_is_one_boundary_late_and_counts_a_peers_signal():
+    comm = _TwoRanks()
+    watch = PreemptionWatch(comm)
+    assert [watch.should_stop() for _ in range(3)] == [False, False, False]
+    comm.peer_flag = 1                     # the other rank got SIGTERM during this step
+    assert not watch.should_stop()         # its flag travels in the allreduce started now
+    assert watch.should_stop()             # ... and is read at the next boundary
+    assert watch.describe() == "a peer received a preemption signal"
+    assert comm.started == [0] * 5         # this rank never received one itself
+
+
+def test_requeue_exit_code_from_the_environment():
+    from hvdscale.commands.train import REQUEUE_VAR, requeue_exit_code
+    from hvdscale.errors import ConfigError
+    assert requeue_exit_code({}) is None and requeue_exit_code({REQUEUE_VAR: " "}) is None
+    assert requeue_exit_code({REQUEUE_VAR: "75"}) == 75
+    for bad in ("0", "256", "x", "-1"):
+        with pytest.raises(ConfigError, match=REQUEUE_VAR):
+            requeue_exit_code({REQUEUE_VAR: bad})
+
