@@ -3,9 +3,9 @@ jobs under Gloo and MPI (one job per controller runs every case: tests/workers/k
 then Horovod's own ported test cases in the same processes).
 
 Checked here: after model.fit both ranks hold bitwise the same weights, equal (float tolerance)
-to one process fitting the global batch (SGD+momentum, Adam, LAMB with
-backward_passes_per_step=2, LARS); MetricAverageCallback makes the history identical on the
-ranks and equal to the mean of the local logs; Horovod's warm-up and schedule callbacks give
+to one process fitting the global batch (SGD+momentum, the same with fp16 compression, Adam,
+LAMB with backward_passes_per_step=2, LARS); MetricAverageCallback makes the history identical
+on the ranks and equal to the mean of the local logs; Horovod's warm-up and schedule callbacks give
 Horovod's learning rates (formulas computed here independently); CoreScheduleCallback gives
 the engine's (hvdscale.engine.lr.plan_lr) per update; NoiseScaleCallback's B_simple follows
 McCandlish et al.'s estimator from the recorded norms; Horovod's test cases pass.
@@ -23,7 +23,7 @@ from conftest import WORKERS, horovodrun
 
 pytestmark = pytest.mark.multiproc
 WORKER = WORKERS / "keras_dropin.py"
-FIT_CASES = ("sgd", "adam", "lamb_accum2", "lars")
+FIT_CASES = ("sgd", "sgd_fp16", "adam", "lamb_accum2", "lars")
 SIZE, PER_RANK = 2, 16
 
 
@@ -47,7 +47,10 @@ def test_fit_ranks_identical_and_equal_to_one_process_on_the_global_batch(job, c
     single = weights(job.out / f"{case}.single.npz")
     for a, b, s in zip(rank0, rank1, single):
         assert a.tobytes() == b.tobytes(), f"{case}: ranks disagree after model.fit"
-        np.testing.assert_allclose(a, s, rtol=1e-4, atol=1e-5, err_msg=case)
+        if case.endswith("fp16"):    # gradients rounded to float16 on the wire
+            np.testing.assert_allclose(a, s, rtol=1e-2, atol=2e-3, err_msg=case)
+        else:
+            np.testing.assert_allclose(a, s, rtol=1e-4, atol=1e-5, err_msg=case)
     # and training moved the weights (a no-op optimizer would also agree with itself)
     assert job.ranks[0][case]["iterations"] == 2 * 6
 

@@ -30,8 +30,9 @@ from hvdscale.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 OUT = Path(sys.argv[1])
 PER_RANK, STEPS, EPOCHS = 16, 6, 2
-FIT_CASES = {  # name: (optimizer factory, backward_passes_per_step)
+FIT_CASES = {  # name: (optimizer factory, backward_passes_per_step[, compression])
     "sgd": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), 1),
+    "sgd_fp16": (lambda: keras.optimizers.SGD(0.05, momentum=0.9), 1, hvd.Compression.fp16),
     "adam": (lambda: keras.optimizers.Adam(1e-3), 1),
     "lamb_accum2": (lambda: hvd.LAMB(learning_rate=5e-3, weight_decay=0.01), 2),
     "lars": (lambda: hvd.LARS(learning_rate=0.5, momentum=0.9, weight_decay=1e-4,
@@ -82,7 +83,7 @@ class LearningRates(keras.callbacks.Callback):
 
 
 def fit_case(name, rank, size, x, y):
-    make_optimizer, passes = FIT_CASES[name]
+    make_optimizer, passes, *compression = FIT_CASES[name]
     rows = size * PER_RANK * passes          # one global batch (one update)
     # rank r's micro-batches of update t: rows t*rows + (j*size + r)*PER_RANK, j < passes
     idx = np.concatenate([np.arange(t * rows + (j * size + rank) * PER_RANK,
@@ -90,7 +91,8 @@ def fit_case(name, rank, size, x, y):
                           for t in range(STEPS) for j in range(passes)])
     net = model(seed=100 + rank)
     opt = hvd.DistributedOptimizer(make_optimizer(), backward_passes_per_step=passes,
-                                   average_aggregated_gradients=True)
+                                   average_aggregated_gradients=True,
+                                   compression=(compression or [hvd.Compression.none])[0])
     net.compile(loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=opt,
                 metrics=["accuracy"])
     local = LocalLogs()
@@ -106,7 +108,7 @@ def single_case(name, size, x, y):
     """One process, the global batch, rank 0's initial weights. Run after every collective:
     Horovod matches operations by name, and an extra model on one rank would shift the
     Keras layer names (and so the op names) of every later model there."""
-    make_optimizer, passes = FIT_CASES[name]
+    make_optimizer, passes = FIT_CASES[name][:2]
     rows = size * PER_RANK * passes
     single = model(seed=100)
     single.compile(loss=keras.losses.SparseCategoricalCrossentropy(),
