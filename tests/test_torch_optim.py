@@ -228,3 +228,12 @@ def test_build_optimizer_for_every_name():
 def test_bad_settings_are_config_errors(call, needle):
     with pytest.raises(ConfigError, match=needle):
         call(make_net())
+
+
+def test_sparse_gradients_are_refused_naming_the_optimizer():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    for cls in (LARS, LAMB):
+        with pytest.raises(RuntimeError, match=rf"^{cls.__name__}: sparse gradients are not "
+                                               r"supported \(param group 0\)"):
+            cls(emb.parameters(), lr=0.1).step()
