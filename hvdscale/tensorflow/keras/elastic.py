@@ -3,13 +3,14 @@
 Horovod's TensorFlowKerasState calls `optimizer.variables()` (a list property in Keras 3) and
 broadcasts Keras variables directly; this KerasState keeps Horovod's behaviour (save / restore /
 sync of model and optimizer variables plus any keyword attributes) over the tf.Variables behind
-the Keras 3 ones. `run` is horovod.tensorflow.elastic.run unchanged: on a lost or added worker it
-resets Horovod, restores the last commit and calls the training function again.
+the Keras 3 ones. `run` is Horovod's (on a lost or added worker: reset Horovod, restore the last
+commit, call the training function again) with a wider net for Horovod's errors.
 """
 import keras
 import tensorflow as tf
-from horovod.common.elastic import ObjectState
-from horovod.tensorflow.elastic import run
+from horovod.common.elastic import ObjectState, run_fn
+from horovod.common.exceptions import HorovodInternalError
+from horovod.tensorflow.elastic import _reset
 from horovod.tensorflow.functions import broadcast_object
 from horovod.tensorflow.mpi_ops import rank
 
@@ -19,6 +20,24 @@ from hvdscale.tensorflow.keras.optimizer import tf_variable
 def _variables(model, optimizer):
     optimizer_vars = list(optimizer.variables) if optimizer is not None else []
     return [tf_variable(v) for v in list(model.variables) + optimizer_vars]
+
+
+def run(func):
+    """Decorator for the elastic training function (Horovod's `hvd.elastic.run`): on a lost or
+    added worker, reset Horovod, restore the last commit, sync, and call `func(state)` again.
+
+    Horovod's version turns only TF errors that mention HorovodAllreduce/Allgather/Broadcast
+    into a reset (a grouped allreduce, e.g. DistributedOptimizer(groups=...), fails as
+    HorovodGroupedAllreduce) and silently returns None for other UnknownErrors; here any
+    TensorFlow op error from a Horovod op resets, and every other error propagates."""
+    def wrapper(state, *args, **kwargs):
+        try:
+            return func(state, *args, **kwargs)
+        except tf.errors.OpError as err:
+            if "Horovod" in (err.message or ""):
+                raise HorovodInternalError(err) from err
+            raise
+    return run_fn(wrapper, _reset)
 
 
 class KerasState(ObjectState):
