@@ -78,7 +78,7 @@ class Engine:
         # SIGTERM/SIGUSR1: agreed stop, one checkpoint, every rank exits with this code
         self.requeue_exit_code = requeue_exit_code if requeue_exit_code is not None \
             else cfg.checkpoint.requeue_exit_code
-        self.preemption = PreemptionWatch(comm).install()
+        self.preemption = PreemptionWatch(comm)     # handlers installed while run() runs
         self.tau_ref = tau_ref if tau_ref is not None else cfg.train.tau_ref
         self.hardware = hardware
         self._print = echo
@@ -218,6 +218,18 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def run(self):
+        self.preemption.install()
+        result = None
+        try:
+            result = self._run()
+            return result
+        finally:
+            # after a preemption stop the handlers stay: a late second signal must not turn
+            # the exit that follows into a death by signal
+            if result is None or result.preempted is None:
+                self.preemption.uninstall()
+
+    def _run(self):
         self.backend.elastic = self.elastic     # elastic: build() runs no collective
         self.backend.build()
         resumed = self._restore() if self.resume else False
@@ -241,7 +253,6 @@ class Engine:
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
-            self.preemption.uninstall()
             bar.close()
             if writer is not None:
                 writer.close()
