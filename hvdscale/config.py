@@ -15,6 +15,8 @@ import yaml
 
 from hvdscale import registry
 from hvdscale.core.optimizers import OPTIONS as OPTIMIZER_OPTIONS
+# the same value checks as the optimizer options, one definition
+from hvdscale.core.optimizers import _fraction, _non_negative, _positive
 from hvdscale.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,18 +49,6 @@ def _option(key):
     """An optimizer option (hvdscale.core.optimizers.OPTIONS): null in the recipe means the
     chosen optimizer's default, which validation fills in."""
     return field(default=None, metadata={"option": key})
-
-
-def _positive(v):
-    return v > 0
-
-
-def _non_negative(v):
-    return v >= 0
-
-
-def _fraction(v):            # [0, 1)
-    return 0 <= v < 1
 
 
 @dataclass
