@@ -1,6 +1,6 @@
 """The data path of engine protocol v2 on a CPU: the trainers receive framework tensors on
-their device in their layout (never NumPy), array data is transposed once when it is loaded,
-and a training step reads nothing from the device -- host reads are counted over several
+their device in their layout (never NumPy; torch: an NCHW view of the NHWC arrays with
+channels_last strides, no per-batch transposition), and a training step reads nothing from the device -- host reads are counted over several
 steps with the reading methods of torch/TF tensors patched."""
 import os
 
@@ -39,7 +39,7 @@ def make_trainer(cfg):
 
 
 # ------------------------------------------------------------------ layouts and types
-def test_array_data_is_transposed_once_at_load():
+def test_array_data_is_not_transposed_per_batch():
     from hvdscale.data import build_sources
     from hvdscale.data.arrays import load_arrays
     cfg = small_cfg("torch")
@@ -48,10 +48,15 @@ def test_array_data_is_transposed_once_at_load():
     assert nhwc.x.shape == (256, 12, 12, 1) and nchw.x.shape == (256, 1, 12, 12)
     assert nchw.x.flags["C_CONTIGUOUS"]           # a real transposition, made once
     np.testing.assert_array_equal(nchw.x, nhwc.x.transpose(0, 3, 1, 2))
-    train, _ = build_sources(cfg, 0, 1)
-    assert train.dataset.layout == "NCHW"
-    x, _ = next(train.epoch(0))
-    assert x.shape == (32, 1, 12, 12) and x.flags["C_CONTIGUOUS"]
+    train, _ = build_sources(cfg, 0, 1)       # both backends read NHWC arrays
+    assert train.dataset.layout == "NHWC"
+    x, y = next(train.epoch(0))
+    assert x.shape == (32, 12, 12, 1)
+    trainer = make_trainer(cfg)
+    tx, _ = next(trainer.device_batches([(x, y)]))
+    # torch sees NCHW over the same memory: channels_last strides, no copy
+    assert tuple(tx.shape) == (32, 1, 12, 12) and tx.stride(1) == 1
+    assert tx.data_ptr() == x.__array_interface__["data"][0]
     train_tf, _ = build_sources(small_cfg("tensorflow"), 0, 1)
     assert next(train_tf.epoch(0))[0].shape == (32, 12, 12, 1)
 
@@ -80,6 +85,7 @@ def test_engine_hands_the_trainer_framework_tensors(framework, tmp_path):
             import torch
             assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
             assert tuple(x.shape) == (32, 1, 12, 12) and x.device == trainer.device
+            assert x.stride(1) == 1                     # channels_last memory
             assert y.dtype == torch.int64
         else:
             import tensorflow as tf
@@ -93,10 +99,10 @@ def test_torch_device_batches_pass_tensors_through_without_a_copy():
     trainer = make_trainer(small_cfg("torch"))
     x, y = torch.zeros(4, 1, 12, 12), torch.zeros(4, dtype=torch.int64)
     out_x, out_y = next(trainer.device_batches([(x, y)]))
-    assert out_x.data_ptr() == x.data_ptr() and out_y.data_ptr() == y.data_ptr()
-    with pytest.raises(ValueError, match="NHWC"):
-        next(trainer.device_batches([(np.zeros((4, 12, 12, 1), np.float32),
-                                      np.zeros(4, np.int64))]))
+    assert out_y.data_ptr() == y.data_ptr()
+    assert torch.equal(out_x, x) and out_x.stride(1) == 1   # NCHW memory: one channels_last copy
+    cl = torch.zeros(4, 12, 12, 1).permute(0, 3, 1, 2)
+    assert next(trainer.device_batches([(cl, y)]))[0].data_ptr() == cl.data_ptr()
 
 
 # ------------------------------------------------------------------ host reads

@@ -39,8 +39,8 @@ def test_array_batches_arrive_as_cuda_tensors_channels_last():
     for x, y in batches:
         assert x.is_cuda and y.is_cuda and y.dtype == torch.int64
         assert x.is_contiguous(memory_format=torch.channels_last)
-    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # parameters stay contiguous: Horovod allreduces only contiguous gradients
+    assert all(p.is_contiguous() for p in trainer.model.parameters())
     # data on the device already is used as is (no copy)
     x, y = batches[0]
     assert next(trainer.device_batches([(x, y)]))[0].data_ptr() == x.data_ptr()

@@ -53,8 +53,6 @@ def synthetic_batches(cfg, rank, count=2):
     x, y = synthetic_arrays(count * per_step, cfg.data.image_size, cfg.in_channels,
                             cfg.data.num_classes, seed=cfg.train.seed + rank)
     x = normalise(x, 127.5, 73.9)
-    if cfg.framework == "torch":
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))     # torch takes NCHW
     return [(x[i * per_step:(i + 1) * per_step], y[i * per_step:(i + 1) * per_step])
             for i in range(count)]
 

@@ -3,9 +3,9 @@ sharding, and the sources the engine reads batches from.
 
 A training source has `num_examples`, `steps_per_epoch` and `epoch(epoch, start)` yielding this
 rank's (x, y) batches; an evaluation source has `num_examples` and `batches()` covering this
-rank's share of the test set. Batches are in the layout of `cfg.framework` (NCHW for torch,
-NHWC for TensorFlow): NumPy arrays for in-memory data, framework tensors from DALI. The
-backend's `device_batches()` puts them on the worker's device.
+rank's share of the test set. In-memory data comes as NHWC NumPy arrays (the torch trainer
+views them as NCHW with channels_last strides, without a copy), DALI data as framework
+tensors. The backend's `device_batches()` puts them on the worker's device.
 
 Your own data (`data.kind: "package.module:factory"`, docs/extending.md): the factory gets the
 Config and returns `((x_train, y_train), (x_test, y_test))` as NumPy arrays, images float32
@@ -70,7 +70,8 @@ def dali_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
 
 
 def _layout(cfg: Any) -> str:
-    return "NCHW" if cfg.framework == "torch" else "NHWC"     # transposed once, here
+    # both backends read NHWC arrays: torch views them as NCHW with channels_last strides
+    return "NHWC"
 
 
 def array_batches(cfg: Any, rank: int, size: int, train: Any, test: Any) -> Tuple[Any, Any]:

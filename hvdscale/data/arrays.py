@@ -1,9 +1,10 @@
 """In-memory data sets as NumPy arrays and the per-rank batches the trainers consume.
 
-Images are float32 and normalised, stored in the layout of the backend that reads them:
-channels-last [N, H, W, C] for TensorFlow, channels-first [N, C, H, W] for PyTorch. The
-transposition happens once, when the data set is loaded, never per batch. The backends turn
-these NumPy batches into framework tensors on their device (`device_batches`). The order of
+Images are float32 and normalised, channels-last [N, H, W, C] (`to_layout` makes an NCHW
+copy once, for callers that want one). Both backends read NHWC: the torch trainer views a
+batch as NCHW with channels_last strides, without a copy, and runs its convolutions
+channels_last. The backends turn these NumPy batches into framework tensors on their device
+(`device_batches`). The order of
 training batches is a pure function of (seed, epoch, rank, size), so a resumed run reads
 exactly the batches an uninterrupted one would have read.
 """

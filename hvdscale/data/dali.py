@@ -573,9 +573,8 @@ def build_sources(cfg, rank, size, eval_batch=500):
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // size)
     local = rank % max(1, gpu_count())
     per_step = cfg.batch.per_worker * cfg.batch.accumulation
-    # the torch trainer runs convolutions channels_last on CUDA: let DALI write NHWC there
-    on_gpu = decode_device(cfg.data.decode) == "mixed"
-    common = dict(num_threads=threads, local_rank=local, channels_last=on_gpu,
+    # the torch trainer runs convolutions channels_last: let DALI write NHWC memory
+    common = dict(num_threads=threads, local_rank=local, channels_last=cfg.framework == "torch",
                   tf_backend="dali" if cfg.framework == "tensorflow" else "auto")
     output = engine_output(cfg.framework)
     train = build_train_loader(cfg.data, output, per_step, rank, size, seed=cfg.train.seed,
