@@ -16,7 +16,7 @@ class Backend(Protocol):
     checkpoint_suffix: str    # ".pt" | ".npz"
     device_description: str   # "cpu" or the GPU's name
     precision: str            # "fp32" | "bf16" | "fp16" (train.precision)
-    input_layout: str         # "NCHW" (torch) | "NHWC" (TF): how array sources store images
+    input_layout: str         # how array sources deliver images ("NHWC" for both today)
 
     def build(self) -> None:
         """Create model and optimizer (master weights fp32), set the precision policy and
