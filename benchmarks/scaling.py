@@ -258,7 +258,7 @@ def configurations(args):
         confs.append((f"ddp_np{k}", "ddp", k, "torchrun", {}))
         if not args.skip_tf:
             confs.append((f"hvdscale_tf_gloo_np{k}", "hvdscale_tf", k, "gloo", {}))
-            confs.append((f"keras_fit_np1", "keras_fit", 1, "python", {}) if k == 1 else
+            confs.append(("keras_fit_np1", "keras_fit", 1, "python", {}) if k == 1 else
                          (f"tf_tape_gloo_np{k}", "tf_tape", k, "gloo", {}))
     return confs
 
