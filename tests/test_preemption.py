@@ -101,7 +101,11 @@ def test_sigterm_to_horovodrun_then_resume_equals_uninterrupted(framework, tmp_p
     cmd = [tool("horovodrun"), "-np", "2", "--gloo", *program, *run, "--out", out]
     output, code, took = signalled_run(cmd, out, lambda proc: proc.send_signal(signal.SIGTERM))
     print(f"{framework}: horovodrun exited {code} {took:.1f} s after SIGTERM")  # reliability.md
-    assert code == 0, output[-3000:]
+    # horovodrun's own exit code races with its teardown: after a rank has exited, Horovod's
+    # safe_shell_exec SIGSTOPs and SIGTERMs that rank's executor shell, so a rank that exited 0
+    # is sometimes reported as 143 and horovodrun exits 1 (seen once in a full suite run, TF).
+    # What the ranks did is in OUT/preempted.json and the checkpoint, checked below.
+    assert code == 0 or (code == 1 and "Exit code: 143" in output), output[-3000:]
     assert took < 60
     step = check_preempted(out, output, "received SIGTERM", 0)
     if framework != "torch":    # both ranks stopped at the same step, identical parameters
