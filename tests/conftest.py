@@ -3,6 +3,7 @@ real multi-process jobs with an environment that works as root and on 2 cores.""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,15 @@ def mpirun(np_, *args, timeout=240, check=True, **env):
     return run_job(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", np_,
                     "-bind-to", "none", "-map-by", "slot", *args],
                    timeout=timeout, check=check, **env)
+
+
+def wait_for(predicate, timeout, proc):
+    """Poll `predicate` until it holds (True), `proc` ends or `timeout` passes (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, WORKERS, horovodrun, job_env, tool
+from conftest import REPO, WORKERS, horovodrun, job_env, tool, wait_for
 from hvdscale.engine.checkpoint import CheckpointStore, atomic_write
 
 WORKER = WORKERS / "fault_train.py"
@@ -37,17 +37,6 @@ def uninterrupted(tmp_path_factory):
     dump = tmp_path_factory.mktemp("uninterrupted")
     horovodrun(2, sys.executable, WORKER, dump, *RUN, "--out", dump / "run", timeout=300)
     return params(dump / "params-rank0.npz")
-
-
-def wait_for(predicate, timeout, proc):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.multiproc

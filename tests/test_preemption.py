@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, WORKERS, horovodrun, job_env, tool
+from conftest import REPO, WORKERS, horovodrun, job_env, tool, wait_for
 from hvdscale.comm import Comm
 from hvdscale.engine.checkpoint import CheckpointStore
 from hvdscale.engine.preemption import PreemptionWatch
@@ -39,17 +39,6 @@ FRAMEWORK = {"torch": ["--set", "framework=torch", "--set", "optimizer.name=lamb
 def params(path):
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
-
-
-def wait_for(predicate, timeout, proc):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
 
 
 def signalled_run(cmd, out, send, env=None, timeout=60):
