@@ -177,6 +177,9 @@ class FaultsConfig:
     # a rank whose step has not finished for this long ends the job (null = never)
     step_timeout_s: Optional[float] = _spec(900.0, float, nullable=True, check=_positive,
                                             why="must be > 0 (null = no watchdog)")
+    # how often the ranks agree on a preemption signal (one small collective each time; a
+    # check per step cost ~15 % of a small model's step at K=2, benchmarks/RESULTS.md)
+    preemption_check_s: float = _spec(0.5, float, check=_positive, why="must be > 0")
     # debug: feed NaNs to rank inject_nan_rank at this step (tests of the policy)
     inject_nan_at_step: Optional[int] = _spec(None, int, nullable=True, check=_non_negative,
                                               why="must be >= 0")

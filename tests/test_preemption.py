@@ -31,7 +31,9 @@ RUN = ["--set", "data.train_limit=2048", "--set", "data.test_limit=200",
        "--set", "batch.per_worker=64", "--set", "batch.reference=128",
        "--set", "train.max_steps=40", "--set", "lr.warmup_steps=4",
        "--set", "train.eval_every_steps=20", "--set", f"checkpoint.every_steps={EVERY}",
-       "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+       "--set", "log.progress=false", "--set", "log.tensorboard=false",
+       # a check every step or two, so the stop lands mid-epoch (the default is every 0.5 s)
+       "--set", "faults.preemption_check_s=0.05"]
 FRAMEWORK = {"torch": ["--set", "framework=torch", "--set", "optimizer.name=lamb"],
              "tensorflow": ["--set", "framework=tensorflow", "--set", "optimizer.name=sgd"]}
 
@@ -120,9 +122,13 @@ def test_sigusr1_to_one_rank_under_mpirun_requeue_code(tmp_path):
 
     def signal_rank1(proc):
         pid = int((dump / "pid-rank1").read_text())
-        for _ in range(3):       # the later ones land while the ranks stop and save
-            os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR1)
+        for _ in range(2):       # the later ones land while the ranks stop and save ...
             time.sleep(0.3)
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:     # ... unless rank 1 was done already
+                break
 
     output, code, took = signalled_run(cmd, out, signal_rank1,
                                        env=job_env(HVDSCALE_REQUEUE_EXIT_CODE=75))
@@ -150,30 +156,61 @@ def test_watch_records_signals_and_counts_repeats():
 
 
 class _TwoRanks:
-    """A stand-in for a 2-rank Comm: the flag allreduce takes the max with the other
-    rank's flag (what the real one would return)."""
+    """A stand-in for a 2-rank Comm: the check allreduce takes the max with the other
+    rank's [flag, mean step seconds] (what the real one would return)."""
     distributed = True
 
     def __init__(self):
-        self.peer_flag = 0
+        self.peer = [0.0, 0.0]
         self.started = []
 
     def allreduce_async(self, value, op="max"):
         assert op == "max"
-        self.started.append(int(value))
-        result = max(int(value), self.peer_flag)
+        self.started.append([float(v) for v in value])
+        result = np.maximum(np.asarray(value, dtype=np.float64), self.peer)
         return type("Handle", (), {"wait": lambda self: result})()
 
 
-def test_agreement_is_one_boundary_late_and_counts_a_peers_signal():
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_agreement_is_one_check_late_and_counts_a_peers_signal():
     comm = _TwoRanks()
-    watch = PreemptionWatch(comm)
+    watch = PreemptionWatch(comm, clock=_Clock(), check_seconds=1e-9)   # a check every step
     assert [watch.should_stop() for _ in range(3)] == [False, False, False]
-    comm.peer_flag = 1                     # the other rank got SIGTERM during this step
+    comm.peer[0] = 1.0                     # the other rank got SIGTERM during this step
     assert not watch.should_stop()         # its flag travels in the allreduce started now
-    assert watch.should_stop()             # ... and is read at the next boundary
+    assert watch.should_stop()             # ... and is read at the next check
     assert watch.describe() == "a peer received a preemption signal"
-    assert comm.started == [0] * 5         # this rank never received one itself
+    assert [flag for flag, _ in comm.started] == [0.0] * 5   # never received one itself
+
+
+def test_checks_space_out_to_the_slowest_ranks_step_time():
+    """With 10 ms steps here and 40 ms on the peer, a 0.2 s check interval means a check
+    every 5 steps (the slowest rank decides, so every rank checks at the same steps)."""
+    comm, clock = _TwoRanks(), _Clock()
+    watch = PreemptionWatch(comm, clock=clock, check_seconds=0.2)
+    comm.peer[1] = 0.04
+    checked_at = []
+    for step in range(1, 31):
+        clock.now += 0.01
+        before = watch.checks
+        assert not watch.should_stop()
+        if watch.checks > before:
+            checked_at.append(step)
+    assert checked_at[:2] == [1, 2]                       # no agreed step time yet
+    assert all(b - a == 5 for a, b in zip(checked_at[2:], checked_at[3:])), checked_at
+    assert comm.started[-1][1] == pytest.approx(0.01)     # this rank's own mean step time
+    watch.signal_name = "SIGTERM"                         # as the handler records it
+    stops = [watch.should_stop() for _ in range(11)]
+    assert stops.index(True) <= 10                        # within two intervals
+    assert PreemptionWatch(comm, check_seconds=0.5).interval(0.0) == 1
+    assert PreemptionWatch(comm, check_seconds=0.5).interval(1e-6) == PreemptionWatch.MAX_INTERVAL
 
 
 def test_requeue_exit_code_from_the_environment():

@@ -389,7 +389,8 @@ REAL_RUN = ["--set", "framework=torch", "--set", "data.train_limit=2048",
             "--set", "data.test_limit=200", "--set", "batch.per_worker=64",
             "--set", "batch.reference=128", "--set", "train.max_steps=24",
             "--set", "lr.warmup_steps=4", "--set", "checkpoint.every_steps=8",
-            "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+            "--set", "log.progress=false", "--set", "log.tensorboard=false",
+            "--set", "faults.preemption_check_s=0.05"]   # stop within a step or two
 
 
 @pytest.mark.multiproc

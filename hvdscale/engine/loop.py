@@ -78,7 +78,8 @@ class Engine:
         # SIGTERM/SIGUSR1: agreed stop, one checkpoint, every rank exits with this code
         self.requeue_exit_code = requeue_exit_code if requeue_exit_code is not None \
             else cfg.checkpoint.requeue_exit_code
-        self.preemption = PreemptionWatch(comm)     # handlers installed while run() runs
+        self.preemption = PreemptionWatch(   # handlers installed while run() runs
+            comm, check_seconds=cfg.faults.preemption_check_s)
         self.tau_ref = tau_ref if tau_ref is not None else cfg.train.tau_ref
         self.hardware = hardware
         self._print = echo

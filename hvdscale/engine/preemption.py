@@ -4,16 +4,24 @@ SLURM (`scancel --signal`, `--signal=USR1@N`, the end of a time limit) and most 
 send SIGTERM or SIGUSR1 before they kill a job. Every rank installs a handler for both that
 only records the signal; the ranks then agree, at a step boundary, to stop:
 
-    boundary i:    wait for the flag allreduce started at boundary i-1 (max over ranks)
-                   start the next one with this rank's flag
-    agreed at i:   every rank stops at the same step, the engine writes one checkpoint, and
+    check k:       wait for the flag allreduce started at check k-1 (max over ranks of
+                   [flag, mean step seconds]) and start the next one with this rank's values
+    agreed at k:   every rank stops at the same step, the engine writes one checkpoint, and
                    every rank exits with the same code
 
-The allreduce is started at one step and read at the next, so it costs no wait: the ranks act
-one step after the first of them saw the signal, never inside a collective. A second signal
-while the checkpoint is being written is only counted (the handler stays installed), so it
-cannot interrupt the save; a SIGKILL cannot be caught, but checkpoints are written atomically
-(hvdscale/engine/checkpoint.py), so the previous one stays the newest complete one.
+A check is a collective, and a collective per step is not free: at K=2 on a 2-core node one
+small allreduce per step cost the torch step ~15 % and, blocking in TensorFlow, more
+(benchmarks/RESULTS.md, "Issue 12"). So the ranks check about every `check_seconds`
+(faults.preemption_check_s, 0.5 s): the next interval in steps comes from the slowest rank's
+mean step time in the last result, which every rank holds alike, so the checks stay at the
+same steps everywhere. The allreduce is started at one check and read at the next, so it costs
+no wait: the ranks act within about two intervals of the first signal, never inside a
+collective.
+
+A second signal while the checkpoint is being written is only counted (the handler stays
+installed), so it cannot interrupt the save; a SIGKILL cannot be caught, but checkpoints are
+written atomically (hvdscale/engine/checkpoint.py), so the previous one stays the newest
+complete one.
 
 What the launchers do with a signal sent to them rather than to the ranks (measured with
 Horovod 0.28.1 and Open MPI 4.1.4; docs/reliability.md):
@@ -37,14 +45,20 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionWatch:
     """Records SIGTERM/SIGUSR1 and turns them into a stop that every rank agrees on."""
 
-    def __init__(self, comm, signals=PREEMPT_SIGNALS, clock=time.monotonic):
+    # at most this many steps between two checks (very short steps)
+    MAX_INTERVAL = 1000
+
+    def __init__(self, comm, signals=PREEMPT_SIGNALS, clock=time.monotonic,
+                 check_seconds=0.5):
         self.comm, self.signals, self.clock = comm, tuple(signals), clock
+        self.check_seconds = check_seconds
         self.signal_name = None      # the first signal this rank received
         self.received_at = None
         self.repeats = 0             # signals after the first (e.g. during the save)
         self.agreed = False
-        self._pending = None         # the flag allreduce started at the last boundary
         self._previous = {}
+        self.checks = 0              # collectives started (what a check costs, counted)
+        self.forget_pending()
 
     # ------------------------------------------------------------------ handlers
     def install(self):
@@ -78,17 +92,36 @@ class PreemptionWatch:
     # ------------------------------------------------------------------ agreement
     def should_stop(self):
         """Call once per step boundary on every rank: True on every rank at the same step
-        once any rank has received a signal (one step after the boundary where the first
-        rank saw it, when distributed)."""
+        once any rank has received a signal (within about two check intervals of the first
+        signal, when distributed; at once in a single process)."""
         if self.agreed:
             return True
         if not self.comm.distributed:
             self.agreed = self.received
             return self.agreed
+        self._countdown -= 1
+        self._steps += 1
+        if self._countdown > 0:
+            return False
+        now = self.clock()
         if self._pending is not None:
-            self.agreed = bool(self._pending.wait())
-        self._pending = self.comm.allreduce_async(np.int64(self.received), op="max")
+            flag, step_seconds = self._pending.wait()
+            self.agreed = flag > 0
+            self._countdown = self.interval(step_seconds)
+        else:
+            self._countdown = 1          # the first check: no step time agreed yet
+        mean = (now - self._since) / self._steps if self._since is not None else 0.0
+        self._since, self._steps = now, 0
+        self._pending = self.comm.allreduce_async(
+            np.array([float(self.received), mean]), op="max")
+        self.checks += 1
         return self.agreed
+
+    def interval(self, step_seconds):
+        """Steps to the next check for the agreed (slowest) mean step time."""
+        if step_seconds <= 0:
+            return 1
+        return int(min(self.MAX_INTERVAL, max(1, self.check_seconds // step_seconds)))
 
     def settle(self):
         """Wait for the flag allreduce still in flight (every rank started it), so no rank
@@ -98,8 +131,12 @@ class PreemptionWatch:
             self._pending = None
 
     def forget_pending(self):
-        """After Horovod was re-initialised (elastic reset) the old handle is void."""
+        """Start afresh (also after Horovod was re-initialised by an elastic reset: the old
+        handle is void, and every rank of the new world restarts its checks alike)."""
         self._pending = None
+        self._countdown = 1
+        self._steps = 0
+        self._since = None
 
     def describe(self):
         where = f"received {self.signal_name}" if self.received else \
