@@ -27,8 +27,9 @@ configuration; ratios are ours / peer of the medians, and the per-round ratios (
 peer run back to back) are shown with their spread. Load average is recorded at start/end.
 
     .venv/bin/python benchmarks/scaling.py [--repeats 5] [--steps 60] [--skip-tf]
-        [--variant NAME:KEY=VAL,KEY=VAL ...]   extra Horovod/OMP settings for ours, compared
-                                               side by side in the same interleaved run
+        [--variant NAME:KEY=VAL,KEY=VAL ...]   extra Horovod/OMP environment (or recipe
+                                               settings, e.g. horovod.groups=0) for ours,
+                                               compared side by side in the same run
 
 The last line is one JSON object: ratio_tau_1, ratio_tau_2, hvdscale_E_2, ddp_E_2 (ours =
 the Gloo controller, `hvdscale launch`'s default), the same for MPI (`*_mpi`), tf_ratio_tau_1,
@@ -47,6 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TRAIN_IMAGES = 4096          # synthetic training set per run (epoch boundaries are real)
+SETTINGS_VAR = "HVDSCALE_BENCH_SETTINGS"    # a variant's recipe settings, to ours' workers
 
 
 # ---------------------------------------------------------------------------- workers
@@ -93,7 +95,8 @@ def worker_engine(args, framework):
         "lr.scaling=none", "lr.warmup=none", "lr.decay=constant",
         f"train.threads={args.threads}", f"train.max_steps={steps_total}", "train.epochs=1000",
         "train.eval_every_epochs=null", "train.target_accuracy=null",
-        "checkpoint.every_epochs=null", "log.progress=false", "log.tensorboard=false"])
+        "checkpoint.every_epochs=null", "log.progress=false", "log.tensorboard=false",
+        *json.loads(os.environ.get(SETTINGS_VAR, "[]"))])
     comm, trainer = start_workers(cfg)
     train, test = build_sources(cfg, comm.rank, comm.size)
     timed_source = TimedSource(train, args.warmup, args.warmup + args.steps, comm.barrier)
@@ -236,14 +239,20 @@ WORKERS = {"hvdscale": lambda a: worker_engine(a, "torch"),
 
 # ---------------------------------------------------------------------------- driver
 def parse_variant(text):
-    """NAME:KEY=VAL,KEY=VAL -> (name, {KEY: VAL})."""
+    """NAME:KEY=VAL,KEY=VAL -> (name, {KEY: VAL}): environment variables for ours' workers;
+    a dotted lower-case KEY (horovod.groups=0) is a recipe setting instead."""
     name, _, rest = text.partition(":")
-    env = {}
+    env, settings = {}, []
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"scaling.py: --variant {text!r}: {item!r} is not KEY=VALUE")
-        env[key] = value
+        if "." in key and key == key.lower():
+            settings.append(f"{key}={value}")
+        else:
+            env[key] = value
+    if settings:
+        env[SETTINGS_VAR] = json.dumps(settings)
     return name, env
 
 
@@ -257,7 +266,9 @@ def configurations(args):
                 confs.append((f"hvdscale_{ctl}{suffix}_np{k}", "hvdscale", k, ctl, env))
         confs.append((f"ddp_np{k}", "ddp", k, "torchrun", {}))
         if not args.skip_tf:
-            confs.append((f"hvdscale_tf_gloo_np{k}", "hvdscale_tf", k, "gloo", {}))
+            for name, env in args.variants:
+                suffix = "" if name == "default" else f"_{name}"
+                confs.append((f"hvdscale_tf_gloo{suffix}_np{k}", "hvdscale_tf", k, "gloo", env))
             confs.append(("keras_fit_np1", "keras_fit", 1, "python", {}) if k == 1 else
                          (f"tf_tape_gloo_np{k}", "tf_tape", k, "gloo", {}))
     return confs
@@ -390,9 +401,11 @@ def main():
             compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2{tail}")
             efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}")
     efficiency("ddp", "ddp_E_2")
-    compare("hvdscale_tf_gloo_np1", "keras_fit_np1", "tf_ratio_tau_1")
-    compare("hvdscale_tf_gloo_np2", "tf_tape_gloo_np2", "tf_ratio_tau_2")
-    efficiency("hvdscale_tf_gloo", "hvdscale_tf_E_2")
+    for name, _ in args.variants:
+        suffix = "" if name == "default" else f"_{name}"
+        compare(f"hvdscale_tf_gloo{suffix}_np1", "keras_fit_np1", f"tf_ratio_tau_1{suffix}")
+        compare(f"hvdscale_tf_gloo{suffix}_np2", "tf_tape_gloo_np2", f"tf_ratio_tau_2{suffix}")
+        efficiency(f"hvdscale_tf_gloo{suffix}", f"hvdscale_tf_E_2{suffix}")
     summary["median_img_s"] = {k: round(v, 1) for k, v in tau.items()}
     summary["spread"] = spreads
     summary["samples"] = {k: [round(x, 1) for x in v] for k, v in samples.items()}

@@ -172,6 +172,18 @@ WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZ
 SINGLE_WORKER_CYCLE_TIME_MS = "50"
 
 
+def gradient_groups(setting: Optional[int], gpu: bool) -> int:
+    """Horovod's `groups` for the gradient allreduce (0 = one allreduce per tensor):
+    `horovod.groups`, or by device. On a CPU the ranks share the cores with the compute
+    threads, and one grouped allreduce after backward (one wake-up of Horovod's thread, one
+    negotiation) beat per-tensor allreduces by ~10 % per step at K=2 on the 2-core node
+    (benchmarks/RESULTS.md, "Issue 12"); on a GPU, per-tensor allreduces overlap with the
+    rest of backward, which is what large models need."""
+    if setting is None:
+        return 0 if gpu else 1
+    return setting
+
+
 def launched_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
     """How many ranks the launcher started (1 when no launcher says otherwise)."""
     environ = os.environ if environ is None else environ

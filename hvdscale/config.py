@@ -153,6 +153,12 @@ class TrainConfig:
 class HorovodConfig:
     fp16_compression: bool = _spec(False, bool)
     adasum: bool = _spec(False, bool)
+    # how the gradients are handed to Horovod: null = by device (one grouped allreduce after
+    # backward on a CPU -- measured fastest on the 2-core node, benchmarks/RESULTS.md --,
+    # Horovod's per-tensor allreduces during backward on a GPU, which overlap with it);
+    # 0 = per tensor; n = n groups (Horovod's `groups`)
+    groups: Optional[int] = _spec(None, int, nullable=True, check=_non_negative,
+                                  why="must be >= 0 (null = by device)")
 
 
 @dataclass

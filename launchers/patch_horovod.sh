@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Source edits that let Horovod 0.28.1 (its last release) build against torch >= 2.1 and
-# TF >= 2.16 with Keras 3, and start faster. The wheel cache key includes this file's hash,
-# so any change here forces a rebuild.
+# TF >= 2.16 with Keras 3, start faster, and wait without spinning. The wheel cache key
+# includes the hashes of this file and of horovod-wait.patch, so any change forces a rebuild.
 #   usage: patch_horovod.sh SRC_DIR      (an unpacked horovod-0.28.1 sdist)
 set -euo pipefail
 src=${1:?usage: patch_horovod.sh HOROVOD_SRC_DIR}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$src"
 
 fail() { echo "patch_horovod: $*" >&2; exit 1; }
@@ -43,4 +44,13 @@ done
 #    library, so ask torch first (about 2 s).
 replace_line horovod/common/util.py "EXTENSIONS = ['tensorflow', 'torch', 'mxnet']" \
     "EXTENSIONS = ['torch', 'tensorflow', 'mxnet']  # hvdscale: the cheaper import first"
-echo "patch_horovod: 4 edits applied to $src"
+# 5. Waiting without spinning (launchers/horovod-wait.patch), for ranks that share a small
+#    node with their compute threads: the background thread sleeps while this rank has nothing
+#    queued or in flight (woken by the next enqueue; HOROVOD_IDLE_CYCLE_TIME caps the sleep,
+#    50 ms, 0 = upstream's poll every cycle), and torch's synchronize() blocks on a condition
+#    variable instead of a sched_yield loop. Measured in benchmarks/RESULTS.md ("Issue 12").
+diff="$here/horovod-wait.patch"
+patch -p1 --batch --forward --dry-run < "$diff" >/dev/null \
+    || fail "launchers/horovod-wait.patch does not apply to $src"
+patch -p1 --batch --forward --quiet < "$diff"
+echo "patch_horovod: 5 edits applied to $src"

@@ -97,12 +97,35 @@ def _horovod_settings():
                                 if k not in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE")})
     many = horovod_env_defaults(dict(os.environ, HOROVOD_SIZE="2"))
     cycle = os.environ.get("HOROVOD_CYCLE_TIME")
+    idle = os.environ.get("HOROVOD_IDLE_CYCLE_TIME")
+    waits = _horovod_waits_without_polling()
     return {
         "HOROVOD_CYCLE_TIME": f"{cycle} ms (environment)" if cycle else
         f"{one.get('HOROVOD_CYCLE_TIME', SINGLE_WORKER_CYCLE_TIME_MS)} ms with one worker "
         f"(hvdscale), {many.get('HOROVOD_CYCLE_TIME', '1')} ms with more (Horovod)",
+        "idle_wait": None if waits is None else
+        ("no: this Horovod polls every cycle and spins in synchronize() (an upstream build; "
+         "launchers/install.sh builds one that waits)" if not waits else
+         f"yes: sleeps while idle (HOROVOD_IDLE_CYCLE_TIME {idle or '50'} ms"
+         f"{' (environment)' if idle else ''}), blocks in synchronize()"),
+        # how gradients reach Horovod unless horovod.groups says otherwise (hvdscale/comm.py)
+        "gradient_groups": "one grouped allreduce after backward on CPUs, per tensor on GPUs",
         "user_set": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOROVOD_")},
     }
+
+
+def _horovod_waits_without_polling():
+    """True if the installed Horovod carries launchers/horovod-wait.patch (its extension
+    knows HOROVOD_IDLE_CYCLE_TIME), False for an upstream build, None without Horovod."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("horovod")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = [p for d in spec.submodule_search_locations for p in Path(d).glob("*/mpi_lib*.so")]
+    if not libs:
+        return None
+    return any(b"HOROVOD_IDLE_CYCLE_TIME" in p.read_bytes() for p in libs)
 
 
 def collect():
@@ -166,6 +189,9 @@ def run(args):
     print(f"{'gpus':<{width}} {', '.join(report['gpus']) if report['gpus'] else 'none seen'}")
     settings = report["horovod_settings"]
     print(f"{'hvd cycle':<{width}} {settings['HOROVOD_CYCLE_TIME']}")
+    if settings["idle_wait"] is not None:
+        print(f"{'hvd waits':<{width}} {settings['idle_wait']}")
+    print(f"{'hvd grads':<{width}} {settings['gradient_groups']}")
     if settings["user_set"]:
         print(f"{'hvd env':<{width}} "
               + " ".join(f"{k}={v}" for k, v in settings["user_set"].items()))

@@ -20,6 +20,7 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from hvdscale.comm import gradient_groups
 from hvdscale.errors import ConfigError
 from hvdscale.tensorflow.optim import build_optimizer
 
@@ -229,8 +230,9 @@ class TensorFlowTrainer:
             loss = self._loss(x, y)
             target = self._scaled(loss)
         if self.comm.hvd is not None:
-            tape = self.comm.hvd.DistributedGradientTape(tape, compression=self._compression,
-                                                         op=self._op)
+            tape = self.comm.hvd.DistributedGradientTape(
+                tape, compression=self._compression, op=self._op,
+                groups=gradient_groups(self.cfg.horovod.groups, gpu=self._gpu) or None)
         grads = tape.gradient(target, self._sources)
         n = tf.cast(tf.shape(y)[0], tf.float64)
         self._update(grads, tf.cast(loss, tf.float64) * n, n)

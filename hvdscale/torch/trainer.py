@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hvdscale.comm import gradient_groups
 from hvdscale.errors import ConfigError
 from hvdscale.torch.optim import build_optimizer
 
@@ -70,6 +71,10 @@ class TorchTrainer:
         self._new_stats()
 
     @property
+    def allreduce_groups(self):
+        return gradient_groups(self.cfg.horovod.groups, gpu=self.device.type == "cuda")
+
+    @property
     def device_description(self):
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
@@ -105,7 +110,8 @@ class TorchTrainer:
                 compression=hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
                 else hvd.Compression.none,
                 backward_passes_per_step=self.cfg.batch.accumulation,
-                op=hvd.Adasum if self.cfg.horovod.adasum else hvd.Average)
+                op=hvd.Adasum if self.cfg.horovod.adasum else hvd.Average,
+                groups=self.allreduce_groups or None)
         self.optimizer = opt
         # fp16 needs loss scaling; bf16 has fp32's exponent range and needs none
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
