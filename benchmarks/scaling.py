@@ -32,7 +32,8 @@ peer run back to back) are shown with their spread. Load average is recorded at 
                                                compared side by side in the same run
 
 The last line is one JSON object: ratio_tau_1, ratio_tau_2, hvdscale_E_2, ddp_E_2 (ours =
-the Gloo controller, `hvdscale launch`'s default), the same for MPI (`*_mpi`), tf_ratio_tau_1,
+the Gloo controller, which `make demo` and the tests use; `hvdscale launch` leaves the choice
+to horovodrun, which takes MPI when Horovod has it), the same for MPI (`*_mpi`), tf_ratio_tau_1,
 tf_ratio_tau_2, repeats, and per-configuration medians, spreads and samples.
 """
 import argparse
