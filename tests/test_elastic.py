@@ -51,6 +51,10 @@ def test_check_elastic_refusals():
         check_elastic(load_config(None, []), no_horovod=True)
     with pytest.raises(ConfigError, match="horovod.adasum"):
         check_elastic(load_config(None, ["horovod.adasum=true"]))
+    with pytest.raises(ConfigError, match="horovod.groups = 1 is not supported"):
+        check_elastic(load_config(None, ["framework=torch", "horovod.groups=1"]))
+    check_elastic(load_config(None, ["framework=torch", "horovod.groups=0"]))
+    check_elastic(load_config(None, ["framework=tensorflow", "horovod.groups=1"]))
 
 
 def events(out):

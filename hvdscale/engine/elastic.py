@@ -55,3 +55,8 @@ def check_elastic(cfg, *, stop_after_steps=None, no_horovod=False):
     if cfg.horovod.adasum:
         raise ConfigError("elastic training runs on Horovod's Gloo controller: horovod.adasum "
                           "(which needs MPI on CPUs) is not supported with --elastic")
+    if cfg.framework == "torch" and cfg.horovod.groups:
+        raise ConfigError(f"horovod.groups = {cfg.horovod.groups} is not supported with "
+                          f"--elastic in torch: Horovod's grouped DistributedOptimizer "
+                          f"broadcasts the parameter order when it is built, which a worker "
+                          f"joining a running job would wait on forever; use 0 or null")

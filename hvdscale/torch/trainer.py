@@ -72,6 +72,11 @@ class TorchTrainer:
 
     @property
     def allreduce_groups(self):
+        if getattr(self, "elastic", False):
+            # Horovod's grouping broadcasts the parameter order when the optimizer is built:
+            # a worker joining a running elastic job would wait there for ranks that built
+            # theirs long ago (check_elastic refuses horovod.groups >= 1 with --elastic)
+            return 0
         return gradient_groups(self.cfg.horovod.groups, gpu=self.device.type == "cuda")
 
     @property
