@@ -61,7 +61,7 @@ build_horovod() {
     set -e
     local site nccl cuda build wheel_dir key
     key=$("$PY" -c 'import torch, sys; print(f"{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")')
-    wheel_dir="$CACHE/horovod-$HVD_V-nccl-$key-$(cat "$ROOT/launchers/patch_horovod.sh" "$ROOT/launchers/horovod-wait.patch" | sha256sum | cut -c1-12)"
+    wheel_dir="$CACHE/horovod-$HVD_V-nccl-$key-$(bash "$ROOT/launchers/patch_horovod.sh" --hash | cut -c1-12)"
     if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
         local sdist=${HOROVOD_SDIST:-}
         [ -n "$sdist" ] || sdist=$(find "$CACHE" -maxdepth 2 -name "horovod-$HVD_V.tar.gz" 2>/dev/null | head -n1)

@@ -14,8 +14,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 CONSTRAINTS="$ROOT/launchers/constraints.txt"
 PATCH="$ROOT/launchers/patch_horovod.sh"
-# the source edits: the script and the diff it applies (both decide the wheel cache key)
-PATCH_FILES=("$PATCH" "$ROOT/launchers/horovod-wait.patch")
+PATCH_HASH=$(bash "$PATCH" --hash)     # the script and the diff it applies
 STAMP="$VENV/.hvdscale-install-complete"
 CACHE="${HVDSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdscale}"
 LOG="$ROOT/.install.log"
@@ -56,7 +55,7 @@ run() { "$@" >>"$LOG" 2>&1; }
 : >"$LOG"
 MODE=$([ "$GPU" = 1 ] && echo gpu || echo cpu)
 # What the finished venv must match: pins, this script, the patch, setup.cfg, the mode.
-WANT=$(cat "$CONSTRAINTS" "$0" "${PATCH_FILES[@]}" "$ROOT/setup.cfg" | sha256sum | cut -c1-16)-$MODE
+WANT=$( (cat "$CONSTRAINTS" "$0" "$ROOT/setup.cfg"; echo "$PATCH_HASH") | sha256sum | cut -c1-16)-$MODE
 
 if [ "$FORCE" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     echo "install.sh: $VENV is complete and up to date ($WANT); nothing to do"
@@ -64,8 +63,8 @@ if [ "$FORCE" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------
-step "system packages" "apt: build-essential cmake libopenmpi-dev openmpi-bin dataset-fashion-mnist"
-APT_PKGS=(build-essential cmake libopenmpi-dev openmpi-bin dataset-fashion-mnist
+step "system packages" "apt: build-essential cmake patch libopenmpi-dev openmpi-bin dataset-fashion-mnist"
+APT_PKGS=(build-essential cmake patch libopenmpi-dev openmpi-bin dataset-fashion-mnist
           shellcheck iproute2 openssh-server openssh-client procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -116,7 +115,7 @@ step "horovod wheel" "horovod==$HVD_V"
 PYV=$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 MPI_V=$(mpirun --version 2>/dev/null | head -n1 | tr -cd '0-9.' || echo none)
 KEY=$(printf '%s\n' "horovod=$HVD_V" "torch=$TORCH_V" "tf=$TF_V" "py=$PYV" "mpi=$MPI_V" \
-      "mode=$MODE" "arch=$CUDA_ARCH" "$(cat "${PATCH_FILES[@]}" | sha256sum | cut -c1-64)" | sha256sum | cut -c1-16)
+      "mode=$MODE" "arch=$CUDA_ARCH" "$PATCH_HASH" | sha256sum | cut -c1-16)
 WHEEL_DIR="$CACHE/horovod-$HVD_V-$KEY"
 if ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     echo "    cached wheel: $WHEEL_DIR"

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Source edits that let Horovod 0.28.1 (its last release) build against torch >= 2.1 and
-# TF >= 2.16 with Keras 3, start faster, and wait without spinning. The wheel cache key
-# includes the hashes of this file and of horovod-wait.patch, so any change forces a rebuild.
+# TF >= 2.16 with Keras 3, start faster, and wait without spinning. The wheel cache keys
+# (install.sh, gpu_check.sh) include `--hash`, so any change here or in the diff rebuilds.
 #   usage: patch_horovod.sh SRC_DIR      (an unpacked horovod-0.28.1 sdist)
+#          patch_horovod.sh --hash  (the fingerprint of all edits: the wheel cache key's part)
 set -euo pipefail
-src=${1:?usage: patch_horovod.sh HOROVOD_SRC_DIR}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ "${1:-}" = "--hash" ]; then
+    cat "$here/patch_horovod.sh" "$here/horovod-wait.patch" | sha256sum | cut -c1-64
+    exit 0
+fi
+src=${1:?usage: patch_horovod.sh HOROVOD_SRC_DIR | --hash}
 cd "$src"
 
 fail() { echo "patch_horovod: $*" >&2; exit 1; }

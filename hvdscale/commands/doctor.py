@@ -92,7 +92,8 @@ def _horovod_settings():
     """The Horovod environment a job started from this shell would run with: the user's
     HOROVOD_* values and what hvdscale sets before hvd.init() (hvdscale/comm.py)."""
     import os
-    from hvdscale.comm import SINGLE_WORKER_CYCLE_TIME_MS, horovod_env_defaults
+    from hvdscale.comm import SINGLE_WORKER_CYCLE_TIME_MS, gradient_groups, \
+        horovod_env_defaults
     one = horovod_env_defaults({k: v for k, v in os.environ.items()
                                 if k not in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE")})
     many = horovod_env_defaults(dict(os.environ, HOROVOD_SIZE="2"))
@@ -109,9 +110,15 @@ def _horovod_settings():
          f"yes: sleeps while idle (HOROVOD_IDLE_CYCLE_TIME {idle or '50'} ms"
          f"{' (environment)' if idle else ''}), blocks in synchronize()"),
         # how gradients reach Horovod unless horovod.groups says otherwise (hvdscale/comm.py)
-        "gradient_groups": "one grouped allreduce after backward on CPUs, per tensor on GPUs",
+        "gradient_groups": f"CPUs {_groups(gradient_groups(None, gpu=False))}, GPUs "
+        f"{_groups(gradient_groups(None, gpu=True))} (unless horovod.groups is set)",
         "user_set": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOROVOD_")},
     }
+
+
+def _groups(n):
+    return "per tensor" if n == 0 else "one allreduce after backward" if n == 1 \
+        else f"{n} grouped allreduces"
 
 
 def _horovod_waits_without_polling():
