@@ -4,6 +4,7 @@ keeps Horovod's own, an elastic job and the user's own value are left alone; gra
 Horovod as one group on CPUs, per tensor on GPUs; and the Horovod that launchers/install.sh
 builds waits without polling (launchers/horovod-wait.patch), measured on real ranks."""
 import json
+import re
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def test_horovod_waits_without_polling_or_spinning(controller):
     background thread's collective spins anyway while the peer is late)."""
     out = horovodrun(2, sys.executable, str(WORKERS / "horovod_waits.py"),
                      controller=controller).stdout
-    ranks = [json.loads(line[line.index("{"):]) for line in out.splitlines() if '"rank"' in line]
+    # mpirun tags each rank's output chunk and may put two ranks' lines on one line
+    ranks = [json.loads(m) for m in re.findall(r'\{"rank": [^{}]*\}', out)]
     assert sorted(r["rank"] for r in ranks) == [0, 1], out
     for r in ranks:
         assert r["sum"] == 3.0                          # 1 + 2: the collective is right
