@@ -145,6 +145,44 @@ def test_keras_round_trip_and_factory():
     assert isinstance(build_optimizer("sgd", 0.1, {}), keras.optimizers.SGD)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("graph", [True, False])
+def test_fused_sgd_follows_keras_sgd_step_for_step(nesterov, graph):
+    """hvdscale's SGD updates in ResourceApplyKerasMomentum; Keras's SGD is the reference,
+    with a learning rate that changes every step and decoupled weight decay on some weights."""
+    variables_ours = make_model().trainable_variables
+    variables_keras = make_model().trainable_variables
+    hyper = dict(learning_rate=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    ours = build_optimizer("sgd", 0.1, {"momentum": 0.9, "nesterov": nesterov,
+                                        "weight_decay": 0.01})
+    reference = keras.optimizers.SGD(**hyper)
+    reference.exclude_from_weight_decay(var_list=[v for v in variables_keras if len(v.shape) <= 1])
+    got, want = None, None
+    for step, step_grads in enumerate(grads_for(variables_ours, steps=8)):
+        for opt in (ours, reference):
+            opt.learning_rate = 0.1 / (1 + step)
+        got = run_keras(ours, variables_ours, [step_grads], graph)
+        want = run_keras(reference, variables_keras, [step_grads], graph)
+    assert ours.iterations.numpy() == 8
+    assert_close(got, want, 1e-6)
+    assert_close([m.numpy() for m in ours.momentums], [m.numpy() for m in reference.momentums],
+                 1e-6)
+
+
+def test_cross_entropy_matches_a_float64_reference_with_and_without_smoothing():
+    from hvdscale.tensorflow.trainer import softmax_cross_entropy
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((16, 10)) * 3
+    labels = rng.integers(0, 10, 16)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    nll = -logp[np.arange(16), labels]
+    for eps in (0.0, 0.1):
+        want = np.mean((1 - eps) * nll - eps * logp.mean(1))
+        got = softmax_cross_entropy(tf.constant(logits, tf.float32), tf.constant(labels), eps)
+        assert abs(float(got) - want) <= 1e-5 * abs(want)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_keras_sgd_and_adamw_skip_weight_decay_on_excluded_variables(name):
     model = make_model()

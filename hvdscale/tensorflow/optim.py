@@ -241,9 +241,23 @@ class _ExcludingMixin:
 
 
 class SGD(_ExcludingMixin, keras.optimizers.SGD):
+    """Keras's SGD, its update in TensorFlow's fused kernel: ResourceApplyKerasMomentum is
+    Keras's own rule (m = momentum * m - lr * g; w += m, or the Nesterov form) as one op per
+    variable, where Keras writes it as five (two multiplies, a subtract, two assigns)."""
+
     def __init__(self, *args, exclude_1d=True, exclude=(), **kwargs):
         super().__init__(*args, **kwargs)
         self._setup_exclusion(exclude_1d, exclude)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0 or not isinstance(gradient, tf.Tensor):
+            # plain SGD is one op already; sparse (IndexedSlices) gradients take Keras's path
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_handle(variable), accum=_handle(self.momentums[self._get_variable_index(variable)]),
+            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+            momentum=tf.cast(self.momentum, dtype), use_locking=False, use_nesterov=self.nesterov)
 
 
 class AdamW(_ExcludingMixin, keras.optimizers.AdamW):
