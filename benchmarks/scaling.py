@@ -31,10 +31,11 @@ peer run back to back) are shown with their spread. Load average is recorded at 
                                                settings, e.g. horovod.groups=0) for ours,
                                                compared side by side in the same run
 
-The last line is one JSON object: ratio_tau_1, ratio_tau_2, hvdscale_E_2, ddp_E_2 (ours =
-the Gloo controller, which `make demo` and the tests use; `hvdscale launch` leaves the choice
-to horovodrun, which takes MPI when Horovod has it), the same for MPI (`*_mpi`), tf_ratio_tau_1,
-tf_ratio_tau_2, repeats, and per-configuration medians, spreads and samples.
+The last line is one JSON object: ratio_tau_1, ratio_tau_2, hvdscale_E_2, ddp_E_2 for ours
+under the controller a user gets (`controller`: what plain horovodrun and `hvdscale launch`
+run, MPI when Horovod has it, else Gloo), the same keys for each controller measured
+(`*_gloo`, `*_mpi`), tf_ratio_tau_1, tf_ratio_tau_2 (ours and the TF peers both over Gloo),
+repeats, and per-configuration medians, spreads and samples.
 """
 import argparse
 import json
@@ -307,6 +308,13 @@ def spread(values):
     return min(values), max(values), (max(values) - min(values)) / med if med else 0.0
 
 
+def launch_controller():
+    """The controller plain horovodrun picks on this install (hvdscale.launch's rule)."""
+    from horovod.common.util import gloo_built, mpi_built
+    from hvdscale.launch import horovodrun_controller
+    return horovodrun_controller(bool(mpi_built()), bool(gloo_built()))
+
+
 def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -369,8 +377,10 @@ def main():
         print(f"| {label:<28} | {tau[label]:>12.1f} | {low:>8.1f} | {high:>8.1f} | "
               f"{rel:>6.1%} |")
 
+    default = launch_controller()
     summary = {"batch_per_worker": args.batch, "steps": args.steps, "threads": args.threads,
-               "repeats": args.repeats, "load_start": load_start, "load_end": load_end}
+               "repeats": args.repeats, "load_start": load_start, "load_end": load_end,
+               "controller": default}
 
     def compare(ours, peer, key):
         """ours/peer from the medians plus the per-round ratios and their spread."""
@@ -396,11 +406,12 @@ def main():
 
     for name, _ in args.variants:
         suffix = "" if name == "default" else f"_{name}"
-        for ctl in args.controllers:
-            tail = ("" if ctl == "gloo" else f"_{ctl}") + suffix
-            compare(f"hvdscale_{ctl}{suffix}_np1", "ddp_np1", f"ratio_tau_1{tail}")
-            compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2{tail}")
-            efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}")
+        # the headline keys (no controller suffix) are the launcher's default controller
+        for ctl in sorted(args.controllers, key=lambda c: c == default):
+            for tail in [f"_{ctl}{suffix}"] + ([suffix] if ctl == default else []):
+                compare(f"hvdscale_{ctl}{suffix}_np1", "ddp_np1", f"ratio_tau_1{tail}")
+                compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2{tail}")
+                efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}")
     efficiency("ddp", "ddp_E_2")
     for name, _ in args.variants:
         suffix = "" if name == "default" else f"_{name}"

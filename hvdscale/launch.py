@@ -89,6 +89,15 @@ class Plan:
 # hosts
 
 
+def horovodrun_controller(mpi_built: bool, gloo_built: bool) -> Optional[str]:
+    """The controller plain `horovodrun` (and `hvdscale launch` without --controller) runs:
+    MPI when Horovod was built with it, else Gloo (horovod/runner/launch.py, run_controller);
+    None when Horovod has neither."""
+    if mpi_built:
+        return "mpi"
+    return "gloo" if gloo_built else None
+
+
 def parse_hosts(text):
     """`h1:2,h2:2` or `h1,h2` -> ((name, slots or None), ...)."""
     hosts = []

@@ -90,6 +90,8 @@ def test_doctor_reports_a_ready_node():
     assert report["horovod"] == "0.28.1"
     assert report["horovod_build"]["gloo"] and report["horovod_build"]["mpi"]
     assert report["horovod_build"]["torch"] and report["horovod_build"]["tensorflow"]
+    # what plain horovodrun runs when both are built (its own rule: MPI first)
+    assert report["launch_controller"] == "mpi"
 
 
 def test_doctor_verdict_fails_when_a_requirement_is_missing():

@@ -418,3 +418,9 @@ def test_layout_is_a_value():
     first = launch.build_command(layout, env)
     assert launch.build_command(layout, dict(env)) == first
     assert replace(layout) == layout and env == dict(BASE_ENV, NCCL_ALGO="Ring")
+
+
+@pytest.mark.parametrize("mpi, gloo, want", [(True, True, "mpi"), (True, False, "mpi"),
+                                             (False, True, "gloo"), (False, False, None)])
+def test_horovodrun_controller_follows_horovodruns_own_rule(mpi, gloo, want):
+    assert launch.horovodrun_controller(mpi, gloo) == want

@@ -146,6 +146,9 @@ def collect():
             problems[key] = problem
     report["mpi"] = _mpi_version()
     report["horovod_build"] = _horovod_build()
+    from hvdscale.launch import horovodrun_controller
+    report["launch_controller"] = horovodrun_controller(
+        bool(report["horovod_build"].get("mpi")), bool(report["horovod_build"].get("gloo")))
     report["gpus"] = _gpus()
     report["horovod_settings"] = _horovod_settings()
     report["problems"] = problems
@@ -192,6 +195,11 @@ def run(args):
             return "  ".join(f"[{'X' if build.get(k) else ' '}] {k}" for k in keys)
         print(f"{'frameworks':<{width}} {marks(['torch', 'tensorflow'])}")
         print(f"{'controllers':<{width}} {marks(['gloo', 'mpi'])}")
+        default = report["launch_controller"]
+        if default:
+            other = "gloo" if default == "mpi" else "mpi"
+            print(f"{'launch':<{width}} horovodrun runs {default} by default"
+                  + (f" (--controller {other} for {other})" if build.get(other) else ""))
         print(f"{'tensor ops':<{width}} {marks(['nccl', 'mpi', 'gloo', 'ddl', 'ccl'])}")
     print(f"{'gpus':<{width}} {', '.join(report['gpus']) if report['gpus'] else 'none seen'}")
     settings = report["horovod_settings"]
