@@ -3,8 +3,9 @@
 The same small CNN (hvdscale's `cnn`), Fashion-MNIST-shaped synthetic batches (28x28x1,
 10 classes), SGD with momentum, per-worker batch fixed, one thread per worker.
 
-    torch       ours: `hvdscale train`'s Engine loop + torch trainer under horovodrun -np K,
-                      once with the Gloo and once with the MPI controller
+    torch       ours: `hvdscale train`'s Engine loop + torch trainer under horovodrun -np K:
+                      K=2 once with the Gloo and once with the MPI controller; K=1 (no
+                      collective runs, so no controller matters) under horovodrun's default
                 peer: a plain DistributedDataParallel loop (gloo) under torch.distributed.run
     tensorflow  ours: the same Engine loop + TF trainer under horovodrun -np K (Gloo)
                 peer K=1: plain Keras 3 `model.fit` in one process (its own defaults, so XLA
@@ -242,10 +243,17 @@ WORKERS = {"hvdscale": lambda a: worker_engine(a, "torch"),
 # ---------------------------------------------------------------------------- driver
 def parse_variant(text):
     """NAME:KEY=VAL,KEY=VAL -> (name, {KEY: VAL}): environment variables for ours' workers;
-    a dotted lower-case KEY (horovod.groups=0) is a recipe setting instead."""
+    a dotted lower-case KEY (horovod.groups=0) is a recipe setting instead. A piece without
+    '=' continues the value before it (HOROVOD_THREAD_AFFINITY=0,1)."""
     name, _, rest = text.partition(":")
+    items = []
+    for piece in filter(None, rest.split(",")):
+        if "=" not in piece and items:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
     env, settings = {}, []
-    for item in filter(None, rest.split(",")):
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"scaling.py: --variant {text!r}: {item!r} is not KEY=VALUE")
@@ -264,6 +272,12 @@ def configurations(args):
     for k in (1, 2):
         for name, env in args.variants:
             suffix = "" if name == "default" else f"_{name}"
+            if k == 1:
+                # one worker runs no collective, so the controller makes no difference: ours
+                # at K=1 runs once per round, under the launcher's default controller
+                confs.append((f"hvdscale{suffix}_np1", "hvdscale", 1, args.default_controller,
+                              env))
+                continue
             for ctl in args.controllers:
                 confs.append((f"hvdscale_{ctl}{suffix}_np{k}", "hvdscale", k, ctl, env))
         confs.append((f"ddp_np{k}", "ddp", k, "torchrun", {}))
@@ -348,6 +362,7 @@ def main():
         return
 
     args.controllers = [c for c in args.controllers.split(",") if c]
+    args.default_controller = launch_controller()
     args.variants = [("default", {})] + [parse_variant(v) for v in args.variant]
     confs = configurations(args)
     if args.only:
@@ -377,7 +392,7 @@ def main():
         print(f"| {label:<28} | {tau[label]:>12.1f} | {low:>8.1f} | {high:>8.1f} | "
               f"{rel:>6.1%} |")
 
-    default = launch_controller()
+    default = args.default_controller
     summary = {"batch_per_worker": args.batch, "steps": args.steps, "threads": args.threads,
                "repeats": args.repeats, "load_start": load_start, "load_end": load_end,
                "controller": default}
@@ -394,8 +409,8 @@ def main():
         print(f"{key:<22} {summary[key]:.3f} (per round: median "
               f"{statistics.median(rounds):.3f}, {min(rounds):.3f}..{max(rounds):.3f})")
 
-    def efficiency(side, key):
-        one, two = f"{side}_np1", f"{side}_np2"
+    def efficiency(side, key, one=None):
+        one, two = one or f"{side}_np1", f"{side}_np2"
         if one in tau and two in tau:
             summary[key] = round(tau[two] / (2 * tau[one]), 4)
             rounds = [b / (2 * a) for a, b in zip(samples[one], samples[two])]
@@ -406,12 +421,13 @@ def main():
 
     for name, _ in args.variants:
         suffix = "" if name == "default" else f"_{name}"
+        compare(f"hvdscale{suffix}_np1", "ddp_np1", f"ratio_tau_1{suffix}")
         # the headline keys (no controller suffix) are the launcher's default controller
         for ctl in sorted(args.controllers, key=lambda c: c == default):
             for tail in [f"_{ctl}{suffix}"] + ([suffix] if ctl == default else []):
-                compare(f"hvdscale_{ctl}{suffix}_np1", "ddp_np1", f"ratio_tau_1{tail}")
                 compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2{tail}")
-                efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}")
+                efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}",
+                           one=f"hvdscale{suffix}_np1")
     efficiency("ddp", "ddp_E_2")
     for name, _ in args.variants:
         suffix = "" if name == "default" else f"_{name}"
