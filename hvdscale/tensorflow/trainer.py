@@ -120,8 +120,10 @@ class TensorFlowTrainer:
         self.optimizer.build(self.variables)
         hvd = self.comm.hvd
         if hvd is not None:
-            # hvd.broadcast_variables wants tf.Variables; Keras 3 variables are wrappers
-            if not getattr(self, "elastic", False):   # elastic: the State's sync does it
+            # hvd.broadcast_variables wants tf.Variables; Keras 3 variables are wrappers.
+            # Elastic: the State's sync does it. One worker: nothing to send (each eager
+            # broadcast still waited a 50 ms cycle there: 1.2 s of start-up for the CNN).
+            if self.comm.distributed and not getattr(self, "elastic", False):
                 broadcast_from_root(hvd, list(self.model.variables)
                                     + list(self.optimizer.variables))
             self._compression = (hvd.Compression.fp16 if self.cfg.horovod.fp16_compression
