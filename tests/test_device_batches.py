@@ -194,3 +194,27 @@ def test_nonfinite_step_is_counted_on_the_device_and_skipped(framework):
     stats = trainer.read_stats()
     assert stats["nonfinite_steps"] == 1 and stats["first_nonfinite_step"] == 1
     assert stats["examples"] == 64 and np.isfinite(stats["loss_sum"])
+
+
+def test_tf_step_uses_the_learning_rate_it_is_given_that_step():
+    """The TF step takes the learning rate as an argument and assigns it inside the graph:
+    plain SGD's update must be exactly -lr * gradient of that very step."""
+    import tensorflow as tf
+    cfg = small_cfg("tensorflow", optimizer={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0},
+                    faults={"nonfinite": "off"})
+    trainer = make_trainer(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 12, 12, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 32).astype(np.int64)
+    variables = trainer.model.trainable_variables
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            loss = trainer._loss(tf.constant(x), tf.constant(y))
+        return [g.numpy() for g in tape.gradient(loss, variables)]
+
+    for lr in (0.0, 0.25, 0.05):
+        before, grads = [v.numpy().copy() for v in variables], gradient()
+        trainer.train_step((x, y), lr)
+        for v, b, g in zip(variables, before, grads):
+            np.testing.assert_allclose(v.numpy(), b - lr * g, rtol=1e-5, atol=1e-7)
