@@ -38,7 +38,8 @@ def add_arguments(parser):
                         help="CPU cores per node (default: this machine's; srun: SLURM_CPUS_ON_NODE)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for each worker")
     parser.add_argument("--controller", choices=launch.CONTROLLERS,
-                        help="horovodrun: --gloo or --mpi (default: horovodrun's choice)")
+                        help="horovodrun: --gloo or --mpi (default: horovodrun's choice, MPI when "
+                             "Horovod has it; `hvdscale doctor` shows it)")
     parser.add_argument("--network-interface", help="NIC for Horovod/NCCL/MPI traffic, e.g. ib0")
     parser.add_argument("--ssh-port", type=int, help="sshd port on the other hosts (containers)")
     parser.add_argument("--rendezvous-addr", metavar="ADDR",
