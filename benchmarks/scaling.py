@@ -270,8 +270,7 @@ def configurations(args):
     """(label, side, K, launcher, extra env) for every configuration of the run."""
     confs = []
     for k in (1, 2):
-        for name, env in args.variants:
-            suffix = "" if name == "default" else f"_{name}"
+        for suffix, env in args.variants:
             if k == 1:
                 # one worker runs no collective, so the controller makes no difference: ours
                 # at K=1 runs once per round, under the launcher's default controller
@@ -282,8 +281,7 @@ def configurations(args):
                 confs.append((f"hvdscale_{ctl}{suffix}_np{k}", "hvdscale", k, ctl, env))
         confs.append((f"ddp_np{k}", "ddp", k, "torchrun", {}))
         if not args.skip_tf:
-            for name, env in args.variants:
-                suffix = "" if name == "default" else f"_{name}"
+            for suffix, env in args.variants:
                 confs.append((f"hvdscale_tf_gloo{suffix}_np{k}", "hvdscale_tf", k, "gloo", env))
             confs.append(("keras_fit_np1", "keras_fit", 1, "python", {}) if k == 1 else
                          (f"tf_tape_gloo_np{k}", "tf_tape", k, "gloo", {}))
@@ -363,7 +361,9 @@ def main():
 
     args.controllers = [c for c in args.controllers.split(",") if c]
     args.default_controller = launch_controller()
-    args.variants = [("default", {})] + [parse_variant(v) for v in args.variant]
+    # (label suffix, environment): "" for the default, "_NAME" for each --variant
+    args.variants = [("", {})] + [(f"_{name}", env) for name, env in map(parse_variant,
+                                                                          args.variant)]
     confs = configurations(args)
     if args.only:
         import re
@@ -419,18 +419,20 @@ def main():
             print(f"{key:<22} {summary[key]:.3f} (per round {min(rounds):.3f}.."
                   f"{max(rounds):.3f})")
 
-    for name, _ in args.variants:
-        suffix = "" if name == "default" else f"_{name}"
+    for suffix, _ in args.variants:
         compare(f"hvdscale{suffix}_np1", "ddp_np1", f"ratio_tau_1{suffix}")
-        # the headline keys (no controller suffix) are the launcher's default controller
-        for ctl in sorted(args.controllers, key=lambda c: c == default):
-            for tail in [f"_{ctl}{suffix}"] + ([suffix] if ctl == default else []):
-                compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2{tail}")
-                efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2{tail}",
-                           one=f"hvdscale{suffix}_np1")
+        for ctl in args.controllers:
+            compare(f"hvdscale_{ctl}{suffix}_np2", "ddp_np2", f"ratio_tau_2_{ctl}{suffix}")
+            efficiency(f"hvdscale_{ctl}{suffix}", f"hvdscale_E_2_{ctl}{suffix}",
+                       one=f"hvdscale{suffix}_np1")
+        # the headline keys (no controller suffix) are the launcher's default controller's
+        for base in ("ratio_tau_2", "hvdscale_E_2"):
+            source = f"{base}_{default}{suffix}"
+            for key in [k for k in summary if k == source or k.startswith(source + "_rounds")]:
+                summary[base + suffix + key[len(source):]] = summary[key]
+    print(f"headline keys (ratio_tau_2, hvdscale_E_2) = controller {default}")
     efficiency("ddp", "ddp_E_2")
-    for name, _ in args.variants:
-        suffix = "" if name == "default" else f"_{name}"
+    for suffix, _ in args.variants:
         compare(f"hvdscale_tf_gloo{suffix}_np1", "keras_fit_np1", f"tf_ratio_tau_1{suffix}")
         compare(f"hvdscale_tf_gloo{suffix}_np2", "tf_tape_gloo_np2", f"tf_ratio_tau_2{suffix}")
         efficiency(f"hvdscale_tf_gloo{suffix}", f"hvdscale_tf_E_2{suffix}")
