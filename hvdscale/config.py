@@ -226,6 +226,8 @@ SECTIONS = {
 class Config:
     name: str = _spec("unnamed", str)
     plugins: List[str] = _spec([], "list_str")
+    # "package.module:factory" entries: factory(cfg) -> hvdscale.engine.callbacks.Callback
+    callbacks: List[str] = _spec([], "list_str")
     framework: str = _spec("torch", str, choices=FRAMEWORKS)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -383,6 +385,10 @@ def _check_consistency(cfg):
     if t.eval_every_epochs is None and t.eval_every_steps is None:
         # still evaluated at the end; that is allowed, nothing to check
         pass
+    for entry in cfg.callbacks:
+        if not registry.is_entry_point(entry):
+            raise ConfigError(f"callbacks: {entry!r}: expected package.module:factory")
+        registry.check_entry_point(entry, "callbacks")
     opt = registry.OPTIMIZERS.get(cfg.optimizer.name)
     if cfg.framework not in opt.builders:
         raise ConfigError(f"optimizer.name: {opt.name!r} has no {cfg.framework} version "

@@ -323,6 +323,19 @@ def call_factory(factory: Callable[..., Any], cfg: Any, where: str) -> Any:
             from None
 
 
+def build_callbacks(cfg: Any) -> list:
+    """The recipe's `callbacks` entries, each factory(cfg) -> a Callback (checked)."""
+    from hvdscale.engine.callbacks import Callback
+    out = []
+    for entry in cfg.callbacks:
+        made = call_factory(load_entry_point(entry, "callbacks"), cfg, f"callbacks {entry!r}")
+        if not isinstance(made, Callback):
+            raise ConfigError(f"callbacks {entry!r}: the factory returned a "
+                              f"{type(made).__name__}, not a hvdscale.engine.callbacks.Callback")
+        out.append(made)
+    return out
+
+
 def load_plugins(modules: Iterable[str], setting: str = "plugins") -> None:
     """Import the recipe's `plugins` modules: each registers its entries on import."""
     for module in modules:

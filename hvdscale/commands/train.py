@@ -123,6 +123,8 @@ def build_engine(args):
     requeue = requeue_exit_code()
     from hvdscale.engine import Engine
     from hvdscale.data import build_sources
+    from hvdscale.registry import build_callbacks
+    callbacks = build_callbacks(cfg)
     comm, trainer = start_workers(cfg, horovod=not args.no_horovod)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
     kind = "elastic" if args.elastic else f"np{comm.size}"
@@ -130,6 +132,7 @@ def build_engine(args):
     return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
                   requeue_exit_code=requeue, elastic=args.elastic, sources=build_sources,
+                  callbacks=callbacks,
                   hardware=hardware_name(trainer.device_description, comm.size))
 
 

@@ -27,8 +27,9 @@ from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError, at
 from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.preemption import PreemptionWatch
-from hvdscale.engine.tensorboard import open_writer
-from hvdscale.engine.reporting import MetricsLog, NullLog, Progress, summary_table
+from hvdscale.engine.callbacks import CallbackList
+from hvdscale.engine.tensorboard import TensorBoardCallback
+from hvdscale.engine.reporting import MetricsLog, NullLog, ProgressCallback, summary_table
 from hvdscale.errors import ConfigError
 from hvdscale.registry import OPTIMIZERS
 
@@ -64,9 +65,11 @@ class Engine:
 
     def __init__(self, cfg, comm, backend, train_source, eval_source, out_dir, *, resume=False,
                  tau_ref=None, hardware="cpu", stop_after=None, requeue_exit_code=None,
-                 elastic=False, sources=None, echo=print):
+                 elastic=False, sources=None, echo=print, callbacks=()):
         """elastic: run as a mode of Horovod's elastic API (hvdscale/engine/elastic.py);
-        sources(cfg, rank, size) -> (train, eval) then rebuilds the data for each new world."""
+        sources(cfg, rank, size) -> (train, eval) then rebuilds the data for each new world.
+        callbacks: more hvdscale.engine.callbacks.Callback objects, called after the built-in
+        ones (progress, TensorBoard)."""
         self.cfg, self.comm, self.backend = cfg, comm, backend
         self.batches, self.eval_source = train_source, eval_source
         self.elastic, self.sources = elastic, sources
@@ -103,7 +106,6 @@ class Engine:
         self.last_accuracy = None
         self._loss_sum, self._loss_n = 0.0, 0     # since the last evaluation (host values)
         self._unread = 0             # steps whose statistics are still on the device
-        self._shown_loss = None      # mean loss of the last read (progress bar)
         self.log_every = cfg.log.every_steps
         self._session_steps = 0
         self.last_checkpoint_step = None
@@ -113,6 +115,7 @@ class Engine:
         self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
+        self.callbacks = CallbackList([ProgressCallback(), TensorBoardCallback(), *callbacks])
 
     def echo(self, *args, **kwargs):
         """Print on rank 0 only (looked up each time: elastic runs can renumber ranks)."""
@@ -194,6 +197,7 @@ class Engine:
         self.tracker.epochs_to_target = t.get("epochs_to_target")
         self.last_accuracy = meta.get("last_accuracy")
         self.nonfinite.skipped = int(meta.get("skipped_steps", 0))
+        self.callbacks.load_state_dict(meta.get("callbacks", {}))
         self.last_checkpoint_step = self.step
         self.echo(f"resumed from {self.store.dir / meta['state_file']} at step {self.step}")
         return True
@@ -242,21 +246,19 @@ class Engine:
             except OSError:
                 pass
         self._log = MetricsLog(self.out / "metrics.jsonl", append=resumed) if root else NullLog()
-        writer = open_writer(self.out / "tensorboard") \
-            if root and self.cfg.log.tensorboard else None
-        bar = Progress(self.total_steps, self.step, root and self.cfg.log.progress)
         wall0 = time.perf_counter()
+        ending, summary = "error", None
+        self.callbacks.run_begin(self)
         try:
             if self.elastic:
-                ending = self._elastic_steps(writer, bar, wall0)
+                ending = self._elastic_steps(wall0)
             else:
-                ending = self._steps(self._log, writer, bar, wall0)
+                ending = self._steps(wall0)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
-            bar.close()
-            if writer is not None:
-                writer.close()
+            if ending in ("preempted", "paused", "error"):
+                self.callbacks.run_end(self, ending, None)
         log = self._log      # elastic: a survivor that became rank 0 opened its own
         if ending == "preempted":
             result = self._preempted(log)
@@ -273,18 +275,19 @@ class Engine:
                            reference_workers=self.reference_workers)
         log.write(summary)
         log.close()
+        self.callbacks.run_end(self, ending, summary)
         self.echo(summary_table(summary))
         return RunResult(summary, self.records)
 
-    def _steps(self, log, writer, bar, wall0):
+    def _steps(self, wall0):
         """Train until the end, the target (stop_at_target) or the session limit; returns
         "done" | "target" | "paused" | "preempted"."""
         while self.step < self.total_steps:
             epoch, start = self._position()
             for batch in self.backend.device_batches(self.batches.epoch(epoch, start)):
-                loss = self._train_one(batch)
+                self._train_one(batch)
                 self.examples += self.global_batch
-                bar.update(loss, self.lr.schedule(self.step - 1))
+                self.callbacks.step_end(self)
                 ending = None
                 if self.step >= self.total_steps:
                     ending = "done"
@@ -293,14 +296,8 @@ class Engine:
                 if (self.eval_every and self.step % self.eval_every == 0 and
                         ending != "preempted") or ending == "done":
                     record = self._evaluate(time.perf_counter() - wall0)
-                    log.write(record)
-                    if writer is not None:
-                        for tag in ("train_loss", "test_accuracy", "test_loss", "lr",
-                                    "images_per_sec"):
-                            if record.get(tag) is not None:
-                                writer.scalar(tag, record[tag], self.step)
-                    bar.note(f"step {self.step}: test accuracy {record['test_accuracy']:.4f}, "
-                             f"train loss {record['train_loss']:.4f}")
+                    self._log.write(record)
+                    self.callbacks.evaluate(self, record)
                     if self.cfg.train.stop_at_target and self.tracker.reached:
                         ending = ending or "target"
                 if ending is None and self.stop_after is not None \
@@ -325,7 +322,7 @@ class Engine:
         return epoch, within // self.global_batch
 
     def _train_one(self, batch):
-        """One step; returns the mean loss of the last statistics read (None before one)."""
+        """One optimizer step (statistics read every log.every_steps)."""
         lr = self.lr.schedule(self.step)
         f = self.cfg.faults
         if self.step == f.inject_nan_at_step and self.comm.rank == f.inject_nan_rank:
@@ -338,7 +335,6 @@ class Engine:
         self._unread += 1
         if self.step % self.log_every == 0:
             self._collect_stats()
-        return self._shown_loss
 
     def _clock(self, elapsed, step=False):
         self.train_time += elapsed
@@ -360,7 +356,7 @@ class Engine:
         if stats["examples"]:
             self._loss_sum += stats["loss_sum"]
             self._loss_n += stats["examples"]
-            self._shown_loss = stats["loss_sum"] / stats["examples"]
+        self.callbacks.stats(self, stats)
         first = stats["first_nonfinite_step"]
         # max of (count, -first step): agreed count, earliest bad step over the ranks
         count, neg_first = self.comm.allreduce(
@@ -416,6 +412,7 @@ class Engine:
         failure = self.comm.broadcast_object(failure)
         if failure is None:
             self.last_checkpoint_step = self.step
+            self.callbacks.checkpoint(self, self.step)
             return True
         if self.cfg.checkpoint.on_error == "stop":
             raise CheckpointError(f"{failure} (checkpoint.on_error = stop)")
@@ -435,6 +432,7 @@ class Engine:
             "reference_workers": self.reference_workers,
             "recipe_per_rank_batch": self.cfg.batch.per_worker * self.cfg.batch.accumulation,
             "skipped_steps": self.nonfinite.skipped,
+            "callbacks": self.callbacks.state_dict(),
             "tracker": {"best": self.tracker.best, "steps_to_target": self.tracker.steps_to_target,
                         "time_to_target_s": self.tracker.time_to_target,
                         "epochs_to_target": self.tracker.epochs_to_target},
@@ -471,7 +469,7 @@ class Engine:
         return RunResult(None, self.records, finished=False, preempted=info, exit_code=code)
 
     # ------------------------------------------------------------------ elastic mode
-    def _elastic_steps(self, writer, bar, wall0):
+    def _elastic_steps(self, wall0):
         """The same loop under Horovod's elastic API: the backend's State carries model,
         optimizer and the loop position; after a lost worker it is restored to its last
         commit, after a host change it is synchronised from rank 0, and `_steps` goes on."""
@@ -481,7 +479,7 @@ class Engine:
 
         def session(state):
             self._enter_world(state.loop)
-            return self._steps(self._log, writer, bar, wall0)
+            return self._steps(wall0)
         return self.backend.elastic_run(session)(state)
 
     def _loop_fields(self):

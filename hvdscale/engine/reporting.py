@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from hvdscale.engine.callbacks import Callback
+
 
 class MetricsLog:
     """OUT/metrics.jsonl: one JSON object per line, flushed at once so a crash keeps the lines."""
@@ -68,6 +70,34 @@ class Progress:
     def close(self):
         if self._bar is not None:
             self._bar.close()
+
+
+class ProgressCallback(Callback):
+    """The progress bar as a loop callback (rank 0, `log.progress`): one update per step, the
+    mean loss of the last statistics read, a line per evaluation."""
+
+    def __init__(self):
+        self._bar, self._loss = None, None
+
+    def on_run_begin(self, engine):
+        self._bar = Progress(engine.total_steps, engine.step,
+                             engine.comm.is_root and engine.cfg.log.progress)
+
+    def on_stats(self, engine, stats):
+        if stats["examples"]:
+            self._loss = stats["loss_sum"] / stats["examples"]
+
+    def on_step_end(self, engine):
+        self._bar.update(self._loss, engine.lr.schedule(engine.step - 1))
+
+    def on_evaluate(self, engine, record):
+        self._bar.note(f"step {engine.step}: test accuracy {record['test_accuracy']:.4f}, "
+                       f"train loss {record['train_loss']:.4f}")
+
+    def on_run_end(self, engine, ending, summary):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _fmt_time(seconds):

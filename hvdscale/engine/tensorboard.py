@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+from hvdscale.engine.callbacks import Callback
+
 
 def _import_tensorboardx():
     """tensorboardX's package __init__ imports torch when it is installed, only to accept
@@ -59,3 +61,27 @@ def open_writer(logdir: Union[str, Path]) -> Optional[EventWriter]:
         return EventWriter(logdir)
     except ImportError:
         return None
+
+
+class TensorBoardCallback(Callback):
+    """Rank 0 writes each evaluation's scalars to OUT/tensorboard (`log.tensorboard`)."""
+
+    TAGS = ("train_loss", "test_accuracy", "test_loss", "lr", "images_per_sec")
+
+    def __init__(self):
+        self._writer = None
+
+    def on_run_begin(self, engine):
+        if engine.comm.is_root and engine.cfg.log.tensorboard:
+            self._writer = open_writer(engine.out / "tensorboard")
+
+    def on_evaluate(self, engine, record):
+        if self._writer is not None:
+            for tag in self.TAGS:
+                if record.get(tag) is not None:
+                    self._writer.scalar(tag, record[tag], engine.step)
+
+    def on_run_end(self, engine, ending, summary):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
