@@ -66,6 +66,17 @@ class TargetTracker:
     def reached(self):
         return self.steps_to_target is not None
 
+    def state_dict(self):
+        """What a checkpoint or an elastic commit carries (the sidecar's `tracker` keys)."""
+        return {"best": self.best, "steps_to_target": self.steps_to_target,
+                "time_to_target_s": self.time_to_target, "epochs_to_target": self.epochs_to_target}
+
+    def load_state_dict(self, state):
+        self.best = state.get("best")
+        self.steps_to_target = state.get("steps_to_target")
+        self.time_to_target = state.get("time_to_target_s")
+        self.epochs_to_target = state.get("epochs_to_target")
+
 
 @dataclass
 class SweepPoint:

@@ -190,11 +190,7 @@ class Engine:
         self.step = int(meta["step"])
         self.examples = int(meta.get("examples", self.step * self.global_batch))
         self.train_time = float(meta.get("train_time_s", 0.0))
-        t = meta.get("tracker", {})
-        self.tracker.best = t.get("best")
-        self.tracker.steps_to_target = t.get("steps_to_target")
-        self.tracker.time_to_target = t.get("time_to_target_s")
-        self.tracker.epochs_to_target = t.get("epochs_to_target")
+        self.tracker.load_state_dict(meta.get("tracker", {}))
         self.last_accuracy = meta.get("last_accuracy")
         self.nonfinite.skipped = int(meta.get("skipped_steps", 0))
         self.callbacks.load_state_dict(meta.get("callbacks", {}))
@@ -433,9 +429,7 @@ class Engine:
             "recipe_per_rank_batch": self.cfg.batch.per_worker * self.cfg.batch.accumulation,
             "skipped_steps": self.nonfinite.skipped,
             "callbacks": self.callbacks.state_dict(),
-            "tracker": {"best": self.tracker.best, "steps_to_target": self.tracker.steps_to_target,
-                        "time_to_target_s": self.tracker.time_to_target,
-                        "epochs_to_target": self.tracker.epochs_to_target},
+            "tracker": self.tracker.state_dict(),
         }
         try:
             self.store.save(self.step, data, self.backend.checkpoint_suffix, meta)
@@ -483,11 +477,10 @@ class Engine:
         return self.backend.elastic_run(session)(state)
 
     def _loop_fields(self):
-        t = self.tracker
         return {"step": self.step, "examples": self.examples, "train_time": self.train_time,
                 "skipped": self.nonfinite.skipped, "reference_workers": self.reference_workers,
                 "last_accuracy": self.last_accuracy,
-                "tracker": [t.best, t.steps_to_target, t.time_to_target, t.epochs_to_target]}
+                "tracker": self.tracker.state_dict()}
 
     def _enter_world(self, loop):
         """(Re)start on the world Horovod has now: the loop position from the committed state
@@ -498,8 +491,7 @@ class Engine:
         self.train_time, self.nonfinite.skipped = loop["train_time"], loop["skipped"]
         self.reference_workers = loop["reference_workers"]
         self.last_accuracy = loop["last_accuracy"]
-        t = self.tracker
-        t.best, t.steps_to_target, t.time_to_target, t.epochs_to_target = loop["tracker"]
+        self.tracker.load_state_dict(loop["tracker"])
         cfg, b, k = self.cfg, self.cfg.batch, self.comm.size
         accumulation, self.global_batch, self.lr_scale = batch_plan(
             cfg.elastic.policy, self.reference_workers, k, b.per_worker, b.accumulation,
