@@ -1,7 +1,8 @@
 """The one Horovod layer both trainers use: who am I, and collectives on NumPy values.
 
-`init_comm("torch")` initialises horovod.torch, `init_comm("tensorflow")` horovod.tensorflow;
-without Horovod (or with `horovod=False`) a single-process Comm with the same methods stands in,
+`init_comm(framework)` initialises the Horovod module the backend registered for it
+(horovod.torch, horovod.tensorflow) and reduces NumPy values through the backend's
+`collectives` module; without Horovod (or with `horovod=False`) a single-process Comm with the same methods stands in,
 so the engine has no `if distributed` branches.
 """
 import os
@@ -17,9 +18,16 @@ OPS = ("average", "sum", "max", "min")
 class Comm:
     """rank/size/local_rank/local_size plus allreduce, broadcast and agreement on NumPy data."""
 
-    def __init__(self, framework, hvd=None):
+    def __init__(self, framework, hvd=None, collectives=None):
+        """collectives: the backend's module with host_allreduce / host_allreduce_async
+        (hvdscale.registry.BackendInfo); needed when hvd is given."""
         self.framework = framework
         self.hvd = hvd
+        if hvd is not None and collectives is None:
+            import importlib
+            from hvdscale.registry import BACKENDS
+            collectives = importlib.import_module(BACKENDS.get(framework).collectives)
+        self._ops = collectives
         if hvd is None:
             self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
         else:
@@ -86,34 +94,26 @@ class Comm:
         return out
 
     def _reduce(self, arr, hop):
-        name = self._name("allreduce")
-        if self.framework == "torch":
-            import torch
-            return self.hvd.allreduce(torch.from_numpy(np.ascontiguousarray(arr)), op=hop,
-                                      name=name).numpy()
-        import tensorflow as tf
-        return self.hvd.allreduce(tf.constant(arr), op=hop, name=name).numpy()
+        return self._ops.host_allreduce(self.hvd, arr, hop, self._name("allreduce"))
 
     def allreduce_async(self, value, op="max"):
         """Start reducing a small NumPy value and return a handle whose `wait()` gives the
-        result (same rules as allreduce). torch: Horovod's async handle, so the caller does
-        not wait. TensorFlow: the collective runs (blocking) at `wait()` in the calling
-        thread -- horovod.tensorflow has no eager async call, and eager Horovod ops issued
-        from a helper thread at the same time as the main thread's were seen to mix up their
-        names. Every rank must start the same calls in the same order, as for allreduce."""
+        result (same rules as allreduce). Where the backend has a host-side async allreduce
+        (torch) the caller does not wait; elsewhere (TensorFlow) the collective runs, blocking,
+        at `wait()` in the calling thread. Every rank must start the same calls in the same
+        order, as for allreduce."""
         if not self.distributed:
             return _Done(self.allreduce(value, op=op))
-        if self.framework != "torch":
-            return _Pending(lambda: self.allreduce(value, op=op), np.asarray(value).shape)
-        import torch
         arr = np.asarray(value)
         dtype = np.int64 if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool \
             else np.float64
         hop = {"average": self.hvd.Average, "sum": self.hvd.Sum,
                "max": self.hvd.Max, "min": self.hvd.Min}[op]
-        handle = self.hvd.allreduce_async(torch.from_numpy(arr.astype(dtype).reshape(-1)),
-                                          op=hop, name=self._name("async"))
-        return _Pending(lambda: self.hvd.synchronize(handle).numpy(), arr.shape)
+        fetch = self._ops.host_allreduce_async(self.hvd, arr.astype(dtype).reshape(-1), hop,
+                                               self._name("async"))
+        if fetch is None:
+            return _Pending(lambda: self.allreduce(value, op=op), arr.shape)
+        return _Pending(fetch, arr.shape)
 
     def broadcast_object(self, obj, root=0):
         """A picklable object from `root` to every rank."""
@@ -212,20 +212,19 @@ def apply_horovod_defaults(environ=None) -> Dict[str, str]:
 
 
 def init_comm(framework, horovod=True):
-    """Initialise Horovod for `framework` (torch | tensorflow) and return a Comm.
+    """Initialise Horovod for `framework` (a registered backend) and return a Comm.
 
-    horovod=False, or Horovod not installed, gives the single-process Comm; callers that were
-    launched with several processes should pass horovod=True and check `size`.
+    horovod=False, Horovod not installed, or a backend without Horovod gives the
+    single-process Comm; callers that were launched with several processes should pass
+    horovod=True and check `size`.
     """
-    if framework not in ("torch", "tensorflow"):
-        raise ConfigError(f"framework {framework!r} is not one of torch, tensorflow")
-    if not horovod:
+    import importlib
+    from hvdscale.registry import BACKENDS
+    info = BACKENDS.get(framework)         # ConfigError naming the registered ones
+    if not horovod or info.horovod is None:
         return Comm(framework)
     try:
-        if framework == "torch":
-            import horovod.torch as hvd
-        else:
-            import horovod.tensorflow as hvd
+        hvd = importlib.import_module(info.horovod)
     except ImportError:
         return Comm(framework)
     apply_horovod_defaults()      # read by Horovod's background thread when it starts

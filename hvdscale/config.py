@@ -22,7 +22,6 @@ from hvdscale.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "pipelines" / "fashion_mnist_lamb.yaml"
 
-FRAMEWORKS = ("torch", "tensorflow")
 DECODERS = ("auto", "cpu", "mixed")
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUPS = ("linear", "zero", "none")
@@ -228,7 +227,7 @@ class Config:
     plugins: List[str] = _spec([], "list_str")
     # "package.module:factory" entries: factory(cfg) -> hvdscale.engine.callbacks.Callback
     callbacks: List[str] = _spec([], "list_str")
-    framework: str = _spec("torch", str, choices=FRAMEWORKS)
+    framework: str = _spec("torch", str, choices=registry.BACKENDS)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -131,30 +131,26 @@ for _name, _description in (
         ("lamb", "Layer-wise Adaptive Moments for Batch training, AdamW-based (You et al. "
                  "2019)"),
         ("adamw", "Adam with decoupled weight decay (Loshchilov & Hutter 2019)")):
-    register_optimizer(OptimizerInfo(
-        _name, _description, core_optimizers.DEFAULTS[_name],
-        {"torch": f"hvdscale.torch.optim:build_{_name}",
-         "tensorflow": f"hvdscale.tensorflow.optim:build_{_name}"}))
+    # builders: each backend adds its own when it registers (register_backend)
+    register_optimizer(OptimizerInfo(_name, _description, core_optimizers.DEFAULTS[_name], {}))
 
 
 def optimizer_table() -> str:
     """The Markdown table of every registered optimizer's options: recipe key, default, and
-    the keyword each framework uses (checked against docs/extending.md by a test)."""
-    lines = ["| optimizer | recipe key | default | torch | Keras |",
-             "|---|---|---|---|---|"]
+    the keyword each backend uses (checked against docs/extending.md by a test)."""
+    backends = list(BACKENDS)
+    lines = ["| optimizer | recipe key | default | "
+             + " | ".join(b.display for b in backends) + " |",
+             "|---|---|---|" + "---|" * len(backends)]
     for info in OPTIMIZERS:
         lines.append(f"| `{info.name}` | `base_lr` | (required) | "
-                     f"`{core_optimizers.LR_NAMES['torch']}` | "
-                     f"`{core_optimizers.LR_NAMES['tensorflow']}` |")
+                     + " | ".join(f"`{b.lr_name}`" for b in backends) + " |")
         for key, default in info.defaults.items():
-            spec = core_optimizers.OPTIONS[key]
-            torch_names, keras_names = (", ".join(f"`{n}`" for n in spec.native_names(f))
-                                        for f in ("torch", "tensorflow"))
+            names = (", ".join(f"`{n}`" for n in b.native_names(key)) for b in backends)
             shown = "null" if default is None else (
                 str(list(default)) if isinstance(default, tuple) else str(default).lower()
                 if isinstance(default, bool) else f"{default:g}")
-            lines.append(f"| `{info.name}` | `{key}` | {shown} | {torch_names} | "
-                         f"{keras_names} |")
+            lines.append(f"| `{info.name}` | `{key}` | {shown} | " + " | ".join(names) + " |")
     return "\n".join(lines)
 
 
@@ -187,14 +183,8 @@ for _name, _description, _min in (
         ("resnet20", "CIFAR ResNet-20 (3 blocks per stage)", 8),
         ("resnet50", "ImageNet ResNet-50 v1.5 (bottlenecks, stride in the 3x3 conv)", 8),
         ("mlp", "flatten, 128 ReLU units, classifier: the cheap model of CPU sweeps", 1)):
-    register_model(ModelInfo(_name, _description,
-                             {"torch": "hvdscale.torch.models:build_from_config",
-                              "tensorflow": "hvdscale.tensorflow.models:build_from_config"},
-                             min_image_size=_min))
-
-
-_MODEL_CHECKS = {"torch": "hvdscale.torch.models:check_model",
-                 "tensorflow": "hvdscale.tensorflow.models:check_model"}
+    # builders: each backend adds its own when it registers (register_backend)
+    register_model(ModelInfo(_name, _description, {}, min_image_size=_min))
 
 
 def build_model(cfg: Any, framework: Optional[str] = None) -> Any:
@@ -207,7 +197,8 @@ def build_model(cfg: Any, framework: Optional[str] = None) -> Any:
         return MODELS.get(name).builder(framework)(cfg)
     where = f"model.name {name!r}"
     model = call_factory(load_entry_point(name, "model.name"), cfg, where)
-    return resolve(_MODEL_CHECKS[framework])(model, cfg, where)
+    check = BACKENDS.get(framework).model_check
+    return model if check is None else resolve(check)(model, cfg, where)
 
 
 # ------------------------------------------------------------------------------ data kinds
@@ -224,6 +215,7 @@ class DataKindInfo:
     check: Optional[Builder] = None
     channels: int = 3
     fixed: Mapping[str, int] = field(default_factory=dict)
+    arrays: Optional[Builder] = None     # in memory: (data_cfg, seed) -> data.arrays.RawArrays
 
 
 DATA_KINDS: "Registry[DataKindInfo]" = Registry("data kind", "data.kind")
@@ -236,10 +228,11 @@ def register_data_kind(info: DataKindInfo, *, replace: bool = False) -> DataKind
 register_data_kind(DataKindInfo(
     "fashion_mnist", "Fashion-MNIST from Debian's package (or data.path), held in memory",
     "hvdscale.data:array_sources", "hvdscale.data:check_fashion_mnist", channels=1,
-    fixed={"image_size": 28, "num_classes": 10, "channels": 1}))
+    fixed={"image_size": 28, "num_classes": 10, "channels": 1},
+    arrays="hvdscale.data.fashion_mnist:load_raw"))
 register_data_kind(DataKindInfo(
     "synthetic", "random images and labels (throughput tests; nothing to learn)",
-    "hvdscale.data:array_sources"))
+    "hvdscale.data:array_sources", arrays="hvdscale.data.synthetic:load_raw"))
 register_data_kind(DataKindInfo(
     "imagefolder", "ImageNet-layout folders (data.path/train, data.path/val) through DALI",
     "hvdscale.data:dali_sources", "hvdscale.data:check_dali"))
@@ -369,3 +362,86 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(f"{v:g}" for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------------------ backends
+@dataclass(frozen=True)
+class BackendInfo:
+    """One framework hvdscale trains with; the recipe's `framework` names it. A backend's own
+    package registers it on import (hvdscale/torch/__init__.py), and nothing outside that
+    package branches on its name (docs/extending.md, "A new backend"). Strings are
+    "package.module:attr" (or a module for `collectives`), imported only when used, so
+    reading the registry never loads a framework.
+
+    trainer(cfg, comm, threads, model_fn=None) -> the engine's Backend
+        (hvdscale/engine/backend.py);
+    module: the framework's own Python module (`hvdscale doctor` reports its version);
+    horovod: Horovod's module for the framework ("horovod.torch"), None = no Horovod;
+    collectives: a module with host_allreduce(hvd, array, op, name) -> ndarray and
+        host_allreduce_async(hvd, array, op, name) -> fetch() | None, what hvdscale.comm
+        reduces NumPy values with;
+    lr_name / option_names: the framework's keywords (recipe key -> native names where they
+        differ: Keras `betas` -> `beta_1`, `beta_2`);
+    optimizers / models: builders of the built-in optimizers and models this backend has;
+    model_check(model, cfg, where): checks a user's factory model (type, logits shape);
+    elastic_groups: grouped gradient allreduce allowed in elastic runs;
+    study: the critical-batch study's in-process runs support this backend.
+    """
+    name: str
+    description: str
+    trainer: Builder
+    display: str
+    lr_name: str
+    module: str = ""
+    horovod: Optional[str] = None
+    collectives: Optional[str] = None
+    option_names: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    optimizers: Mapping[str, Builder] = field(default_factory=dict)
+    models: Mapping[str, Builder] = field(default_factory=dict)
+    model_check: Optional[Builder] = None
+    elastic_groups: bool = True
+    study: bool = False
+
+    def native_names(self, key: str) -> Tuple[str, ...]:
+        """This framework's keyword(s) for a recipe's optimizer option."""
+        if key in self.option_names:
+            return tuple(self.option_names[key])
+        spec = core_optimizers.OPTIONS.get(key)
+        return tuple(spec.native.get(self.name, (key,))) if spec is not None else (key,)
+
+    def native_kwargs(self, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """Option values under this framework's keywords (a pair may split in two)."""
+        out: Dict[str, Any] = {}
+        for key, value in values.items():
+            names = self.native_names(key)
+            if len(names) == 1:
+                out[names[0]] = value
+            else:
+                out.update(zip(names, value))
+        return out
+
+    def build_trainer(self, cfg: Any, comm: Any, threads: int, model_fn=None) -> Any:
+        return resolve(self.trainer)(cfg, comm, threads, model_fn=model_fn)
+
+
+BACKENDS: "Registry[BackendInfo]" = Registry("backend", "framework")
+
+
+def register_backend(info: BackendInfo, *, replace: bool = False) -> BackendInfo:
+    """Register a framework, and its builders of the built-in optimizers and models."""
+    for name in info.optimizers:
+        OPTIMIZERS.get(name)                # a typo fails here, not at training time
+    for name in info.models:
+        MODELS.get(name)
+    BACKENDS.register(info, replace=replace)
+    for name, builder in info.optimizers.items():
+        OPTIMIZERS.get(name).builders[info.name] = builder
+    for name, builder in info.models.items():
+        MODELS.get(name).builders[info.name] = builder
+    return info
+
+
+# The built-in backends: each package's register() (light: no framework import) holds its
+# registration; a third-party backend calls register_backend from a `plugins` module.
+for _package in ("hvdscale.torch", "hvdscale.tensorflow"):
+    importlib.import_module(_package).register()

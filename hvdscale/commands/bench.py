@@ -14,6 +14,7 @@ import numpy as np
 from hvdscale.commands.train import hardware_name, read_tau_ref, start_workers
 from hvdscale.config import DEFAULT_RECIPE, config_from_dict, load_config
 from hvdscale.data.arrays import normalise
+from hvdscale.data.synthetic import MEAN as SYNTHETIC_MEAN, STD as SYNTHETIC_STD
 from hvdscale.data.synthetic import synthetic_arrays
 from hvdscale.errors import ConfigError
 
@@ -52,7 +53,7 @@ def synthetic_batches(cfg, rank, count=2):
     per_step = cfg.batch.per_worker * cfg.batch.accumulation
     x, y = synthetic_arrays(count * per_step, cfg.data.image_size, cfg.in_channels,
                             cfg.data.num_classes, seed=cfg.train.seed + rank)
-    x = normalise(x, 127.5, 73.9)
+    x = normalise(x, SYNTHETIC_MEAN, SYNTHETIC_STD)
     return [(x[i * per_step:(i + 1) * per_step], y[i * per_step:(i + 1) * per_step])
             for i in range(count)]
 

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+from hvdscale.registry import BACKENDS
+
 
 def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -38,7 +40,7 @@ def _mpi_version():
 
 def _horovod_build():
     """Horovod's compiled-in capabilities, asked of the library itself (not of pip)."""
-    flags = {"torch": _ext_loads("horovod.torch"), "tensorflow": _ext_loads("horovod.tensorflow")}
+    flags = {b.name: _ext_loads(b.horovod) for b in BACKENDS if b.horovod}
     basics = _basics()
     if basics is not None:
         flags.update({
@@ -138,8 +140,9 @@ def _horovod_waits_without_polling():
 def collect():
     report = {"python": platform.python_version(), "platform": platform.platform()}
     problems = {}
-    for key, module in (("torch", "torch"), ("tensorflow", "tensorflow"), ("horovod", "horovod"),
-                        ("dali", "nvidia.dali"), ("mpi4py", "mpi4py"), ("numpy", "numpy")):
+    for key, module in (*((b.name, b.module) for b in BACKENDS if b.module),
+                        ("horovod", "horovod"), ("dali", "nvidia.dali"), ("mpi4py", "mpi4py"),
+                        ("numpy", "numpy")):
         version, problem = _version(module)
         report[key] = version
         if problem:
@@ -161,7 +164,7 @@ def verdict(report, required):
     for need in required:
         if need == "dali":
             ok = report.get("dali") is not None
-        elif need in ("torch", "tensorflow"):
+        elif need in BACKENDS:
             ok = report.get(need) is not None and build.get(need, False)
         else:
             ok = build.get(need, False)
@@ -185,7 +188,8 @@ def run(args):
         print(json.dumps(report))
         return 0 if ok else 1
     width = 12
-    for key in ("python", "torch", "tensorflow", "horovod", "dali", "mpi4py", "numpy", "mpi"):
+    for key in ("python", *(b.name for b in BACKENDS if b.module), "horovod", "dali", "mpi4py",
+                "numpy", "mpi"):
         value = report.get(key)
         shown = value if value is not None else f"not available ({report['problems'].get(key, 'not found')})"
         print(f"{key:<{width}} {shown}")

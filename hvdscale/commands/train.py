@@ -88,11 +88,8 @@ def check_supported(cfg):
 
 
 def make_trainer(cfg, comm, threads, model_fn=None):
-    if cfg.framework == "torch":
-        from hvdscale.torch.trainer import TorchTrainer
-        return TorchTrainer(cfg, comm, threads, model_fn=model_fn)
-    from hvdscale.tensorflow.trainer import TensorFlowTrainer
-    return TensorFlowTrainer(cfg, comm, threads, model_fn=model_fn)
+    from hvdscale.registry import BACKENDS
+    return BACKENDS.get(cfg.framework).build_trainer(cfg, comm, threads, model_fn=model_fn)
 
 
 def start_workers(cfg, horovod=True):

@@ -1,10 +1,11 @@
-"""The optimizers' settings, written once for both backends: each option's recipe key, its
-check, its name in each framework's own API, and every built-in optimizer's defaults.
+"""The optimizers' settings, written once for every backend: each option's recipe key, its
+check, and every built-in optimizer's defaults.
 
-A recipe says `optimizer.eps`; torch calls it `eps` and Keras `epsilon`. The mapping below is
-the one place that knows this: the backends' factories translate through it and the docs
-table (docs/extending.md) is generated from it, so the two cannot disagree. Plain Python:
-config validation reads it before any framework is imported.
+A recipe says `optimizer.eps`; torch calls it `eps` and Keras `epsilon`: each backend names its
+own keywords where they differ (hvdscale.registry.BackendInfo.option_names), its factory
+translates through them, and the docs table (docs/extending.md) is generated from both, so
+they cannot disagree. Plain Python: config validation reads it before any framework is
+imported.
 """
 import math
 from dataclasses import dataclass, field
@@ -12,15 +13,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from hvdscale.errors import ConfigError
 
-# Each framework's keyword for the learning rate (not an option: the engine sets it per step).
-LR_NAMES: Dict[str, str] = {"torch": "lr", "tensorflow": "learning_rate"}
-FRAMEWORKS: Tuple[str, ...] = ("torch", "tensorflow")
-
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One optimizer option. `kind`: float | bool | "pair_float"; `native` maps a framework to
-    its keyword(s) -- two keywords split a pair (Keras `beta_1`, `beta_2`)."""
+    """One optimizer option. `kind`: float | bool | "pair_float". The built-in options'
+    keywords in each framework are in the backends' registrations
+    (hvdscale.registry.BackendInfo.option_names); a plugin's own option may name its keyword(s)
+    per backend in `native` ({"tensorflow": ("power",)}); otherwise the recipe key is used."""
     key: str
     kind: Any
     help: str
@@ -28,9 +27,6 @@ class OptionSpec:
     why: str = ""
     nullable: bool = False
     native: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
-
-    def native_names(self, framework: str) -> Tuple[str, ...]:
-        return tuple(self.native.get(framework, (self.key,)))
 
     def validate(self, value: Any, where: str) -> Any:
         """The value in its canonical type, or a ConfigError naming `where`."""
@@ -79,10 +75,9 @@ OPTIONS: Dict[str, OptionSpec] = {spec.key: spec for spec in (
     OptionSpec("momentum", float, "momentum factor", _fraction, "must be in [0, 1)"),
     OptionSpec("nesterov", bool, "Nesterov momentum"),
     OptionSpec("betas", "pair_float", "decay rates of the first and second moment estimates",
-               lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)",
-               native={"tensorflow": ("beta_1", "beta_2")}),
+               lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     OptionSpec("eps", float, "added to the denominator for numerical stability", _positive,
-               "must be > 0", native={"tensorflow": ("epsilon",)}),
+               "must be > 0"),
     OptionSpec("weight_decay", float, "weight decay (L2 for SGD/LARS/LAMB, decoupled for AdamW)",
                _non_negative, "must be >= 0"),
     OptionSpec("trust_coefficient", float, "LARS trust coefficient (eta)", _positive,
@@ -126,15 +121,3 @@ def resolve_options(name: str, defaults: Mapping[str, Any], given: Callable[[str
         value = given(key)
         values[key] = spec.validate(default if value is None else value, f"{prefix}.{key}")
     return values
-
-
-def native_kwargs(framework: str, values: Mapping[str, Any]) -> Dict[str, Any]:
-    """Option values under `framework`'s own keywords (betas -> beta_1, beta_2 in Keras)."""
-    out = {}
-    for key, value in values.items():
-        names = OPTIONS[key].native_names(framework)
-        if len(names) == 1:
-            out[names[0]] = value
-        else:
-            out.update(zip(names, value))
-    return out

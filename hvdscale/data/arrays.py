@@ -9,13 +9,25 @@ training batches is a pure function of (seed, epoch, rank, size), so a resumed r
 exactly the batches an uninterrupted one would have read.
 """
 from dataclasses import dataclass
+from typing import Tuple
 
 import numpy as np
 
 from hvdscale.data.sharding import shard_indices
 from hvdscale.errors import ConfigError, DataError
 
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 4096, 1024
+
+@dataclass
+class RawArrays:
+    """What an in-memory data kind loads (its registry entry's `arrays(data_cfg, seed)`):
+    uint8 images [N, H, W(, C)], int64 labels, and the per-channel mean/std of its pixels
+    scaled to [0, 1] -- the kind owns its normalisation; the NumPy and DALI paths apply it."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
 
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -41,39 +53,34 @@ class ArrayDataset:
 
 
 def normalise(images, mean, std):
-    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, H, W, C], zero mean, unit variance."""
+    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, H, W, C], zero mean, unit variance;
+    mean/std of the pixels scaled to [0, 1], one value or one per channel."""
     x = images.astype(np.float32) / 255.0
     if x.ndim == 3:
         x = x[..., None]
-    return (x - np.float32(mean)) / np.float32(std)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def load_raw(data_cfg, seed=0) -> RawArrays:
+    """The data kind's own arrays (registry entry `arrays`), limits applied."""
+    from hvdscale.registry import DATA_KINDS, resolve
+    kind = DATA_KINDS.get(data_cfg.kind)
+    if kind.arrays is None:
+        raise ConfigError(f"data.kind {data_cfg.kind!r} has no in-memory arrays (it is read "
+                          f"by its own pipeline)")
+    raw = resolve(kind.arrays)(data_cfg, seed)
+    train_limit = getattr(data_cfg, "train_limit", None)
+    test_limit = getattr(data_cfg, "test_limit", None)
+    return RawArrays(raw.x_train[:train_limit], raw.y_train[:train_limit],
+                     raw.x_test[:test_limit], raw.y_test[:test_limit], raw.mean, raw.std)
 
 
 def load_arrays(data_cfg, seed=0, layout="NHWC"):
-    """(train, test) ArrayDatasets for data.kind fashion_mnist or synthetic, in `layout`."""
-    train, test = _load_nhwc(data_cfg, seed)
+    """(train, test) normalised ArrayDatasets of an in-memory data kind, in `layout`."""
+    raw = load_raw(data_cfg, seed)
+    train = ArrayDataset(normalise(raw.x_train, raw.mean, raw.std), raw.y_train)
+    test = ArrayDataset(normalise(raw.x_test, raw.mean, raw.std), raw.y_test)
     return train.to_layout(layout), test.to_layout(layout)
-
-
-def _load_nhwc(data_cfg, seed):
-    if data_cfg.kind == "fashion_mnist":
-        from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-        x_train, y_train, x_test, y_test = load_fashion_mnist(data_cfg.path)
-        train = ArrayDataset(normalise(x_train[:data_cfg.train_limit], MEAN, STD),
-                             y_train[:data_cfg.train_limit])
-        test = ArrayDataset(normalise(x_test[:data_cfg.test_limit], MEAN, STD),
-                            y_test[:data_cfg.test_limit])
-        return train, test
-    if data_cfg.kind == "synthetic":
-        from hvdscale.data.synthetic import synthetic_arrays
-        channels = data_cfg.channels or 3
-        n_train = data_cfg.train_limit or SYNTHETIC_TRAIN
-        n_test = data_cfg.test_limit or SYNTHETIC_TEST
-        x, y = synthetic_arrays(n_train + n_test, data_cfg.image_size, channels,
-                                data_cfg.num_classes, seed=seed)
-        x = normalise(x, 127.5, 73.9)   # uniform bytes: mean 127.5, std ~73.9
-        return ArrayDataset(x[:n_train], y[:n_train]), ArrayDataset(x[n_train:], y[n_train:])
-    raise ConfigError(f"data.kind {data_cfg.kind!r} is read by the DALI pipeline "
-                      f"(hvdscale/data/dali.py), which is not available in this build")
 
 
 class TrainBatches:

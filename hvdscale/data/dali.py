@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hvdscale.errors import ConfigError, DataError
+from hvdscale.registry import DATA_KINDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)     # of pixels scaled to [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -385,14 +386,14 @@ def _build(cfg_data, framework, *, batch_size, rank, size, seed, train, num_thre
                                 local_rank=local_rank, fp16=fp16, augment=augment,
                                 tf_backend=tf_backend, check=check, check_threads=check_threads,
                                 channels_last=channels_last)
-    elif kind in ("fashion_mnist", "synthetic"):
+    elif kind in DATA_KINDS and DATA_KINDS.get(kind).arrays is not None:   # in memory
         loader = _array_loader(cfg_data, framework, batch_size=batch_size, rank=rank, size=size,
                                seed=seed, train=train, decode=decode, num_threads=num_threads,
                                local_rank=local_rank, fp16=fp16, augment=augment,
                                channels_last=channels_last)
     else:
-        raise ConfigError(f"data.kind {kind!r} has no DALI pipeline "
-                          f"(imagefolder, fashion_mnist or synthetic)")
+        raise ConfigError(f"data.kind {kind!r} has no DALI pipeline (imagefolder, or a kind "
+                          f"with in-memory arrays)")
     if isinstance(loader, DaliLoader):
         loader.channels_last = channels_last and framework == "torch"
     return loader
@@ -481,22 +482,10 @@ def _tf_backend(choice, decode):
 
 def _array_loader(cfg_data, framework, *, batch_size, rank, size, seed, train, decode,
                   num_threads, local_rank, fp16, augment, channels_last=False):
-    if cfg_data.kind == "fashion_mnist":
-        from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-        x_train, y_train, x_test, y_test = load_fashion_mnist(_cfg(cfg_data, "path"))
-        mean, std = (MEAN,), (STD,)
-    else:
-        from hvdscale.data.synthetic import synthetic_arrays
-        channels = _cfg(cfg_data, "channels") or 3
-        n_train = _cfg(cfg_data, "train_limit") or 4096
-        n_test = _cfg(cfg_data, "test_limit") or 1024
-        x, y = synthetic_arrays(n_train + n_test, cfg_data.image_size, channels,
-                                cfg_data.num_classes, seed=seed)
-        x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-        mean, std = (0.5,) * channels, (0.289,) * channels    # uniform bytes
-    x, y = (x_train, y_train) if train else (x_test, y_test)
-    limit = _cfg(cfg_data, "train_limit" if train else "test_limit")
-    x, y = x[:limit], y[:limit]
+    from hvdscale.data.arrays import load_raw
+    raw = load_raw(cfg_data, seed)          # the kind's own arrays and normalisation
+    mean, std = raw.mean, raw.std
+    x, y = (raw.x_train, raw.y_train) if train else (raw.x_test, raw.y_test)
     source = ArrayEpochs(x, y, rank, size, batch_size, seed, train)
     if source.steps == 0:
         raise DataError(f"{cfg_data.kind}: {len(y)} examples are too few for one batch of "

@@ -68,3 +68,10 @@ def load_fashion_mnist(root=None):
         if out[key].max() > 9:
             raise DataError(f"{root}: {key} has labels outside 0..9")
     return out["x_train"], out["y_train"], out["x_test"], out["y_test"]
+
+
+def load_raw(data_cfg, seed=0):
+    """data.kind fashion_mnist as the data layer's RawArrays (its registry entry's `arrays`)."""
+    from hvdscale.data.arrays import RawArrays
+    x_train, y_train, x_test, y_test = load_fashion_mnist(getattr(data_cfg, "path", None))
+    return RawArrays(x_train, y_train, x_test, y_test, (MEAN,), (STD,))

@@ -26,6 +26,7 @@ started with), as functions of the optimizer step, so they do not jump when K ch
 """
 from hvdscale.core.scaling import scale_lr
 from hvdscale.errors import ConfigError
+from hvdscale.registry import BACKENDS
 
 
 def batch_plan(policy, reference_workers, workers, per_worker, accumulation, reference_batch,
@@ -55,8 +56,8 @@ def check_elastic(cfg, *, stop_after_steps=None, no_horovod=False):
     if cfg.horovod.adasum:
         raise ConfigError("elastic training runs on Horovod's Gloo controller: horovod.adasum "
                           "(which needs MPI on CPUs) is not supported with --elastic")
-    if cfg.framework == "torch" and cfg.horovod.groups:
+    if cfg.horovod.groups and not BACKENDS.get(cfg.framework).elastic_groups:
         raise ConfigError(f"horovod.groups = {cfg.horovod.groups} is not supported with "
-                          f"--elastic in torch: Horovod's grouped DistributedOptimizer "
+                          f"--elastic in {cfg.framework}: Horovod's grouped optimizer "
                           f"broadcasts the parameter order when it is built, which a worker "
                           f"joining a running job would wait on forever; use 0 or null")

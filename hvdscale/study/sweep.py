@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hvdscale.errors import ConfigError
+from hvdscale.registry import BACKENDS
 
 RESULTS_FILE = "results.json"
 
@@ -87,9 +88,10 @@ def read_setting(recipe):
     from hvdscale.config import load_config, read_recipe
 
     cfg = load_config(recipe)
-    if cfg.framework != "torch":
-        raise ConfigError(f"{recipe}: the study runs torch recipes (framework: torch), "
-                          f"got {cfg.framework}")
+    if not BACKENDS.get(cfg.framework).study:
+        supported = ", ".join(b.name for b in BACKENDS if b.study)
+        raise ConfigError(f"{recipe}: the study runs {supported} recipes, got framework "
+                          f"{cfg.framework}")
     raw = read_recipe(recipe)
     opt = {k: v for k, v in (raw.get("optimizer") or {}).items() if k not in ("name", "base_lr")}
     return Setting(label=str(raw.get("name") or Path(recipe).stem), optimizer=cfg.optimizer.name,

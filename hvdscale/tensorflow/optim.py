@@ -320,14 +320,13 @@ def build_optimizer(name: str, learning_rate: LearningRate,
     `cfg_optimizer` (the recipe's optimizer section, a dict or an object, recipe keys); unset
     ones take hvdscale.core.optimizers' defaults, and each is passed to the builder under
     Keras's own keyword (epsilon, beta_1/beta_2, ...)."""
-    from hvdscale.core.optimizers import native_kwargs
-    from hvdscale.registry import OPTIMIZERS
+    from hvdscale.registry import BACKENDS, OPTIMIZERS
 
     info = OPTIMIZERS.get(str(name).lower())
     get = _getter(cfg_optimizer)
     exclude_1d = bool(True if get("exclude_1d") is None else get("exclude_1d"))
     exclude = tuple(get("exclude") or ())
     ExclusionRule(exclude_1d, exclude)  # bad regexes fail here, before any training
-    options = native_kwargs("tensorflow", info.resolve_options(get))
+    options = BACKENDS.get("tensorflow").native_kwargs(info.resolve_options(get))
     return info.builder("tensorflow")(learning_rate=learning_rate, exclude_1d=exclude_1d,
                                       exclude=exclude, **options)

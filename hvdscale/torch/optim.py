@@ -373,8 +373,7 @@ def build_optimizer(name: str, model: Any, lr: float, cfg_optimizer: Any = None)
     learning rate `lr`. Options come from `cfg_optimizer` (the recipe's optimizer section, a
     dict or an object, recipe keys); unset ones take hvdscale.core.optimizers' defaults, and
     each is passed to the builder under torch's own keyword (eps, betas, ...)."""
-    from hvdscale.core.optimizers import native_kwargs
-    from hvdscale.registry import OPTIMIZERS
+    from hvdscale.registry import BACKENDS, OPTIMIZERS
 
     info = OPTIMIZERS.get(str(name).lower())
     get = _getter(cfg_optimizer)
@@ -386,6 +385,6 @@ def build_optimizer(name: str, model: Any, lr: float, cfg_optimizer: Any = None)
     if exclude and any(n is None for n, _ in named):
         raise ConfigError("optimizer.exclude: patterns need parameter names: pass the model "
                           "or named_parameters()")
-    options = native_kwargs("torch", info.resolve_options(get))
+    options = BACKENDS.get("torch").native_kwargs(info.resolve_options(get))
     return info.builder("torch")(named, lr=_finite(lr, "optimizer.base_lr"),
                                  exclude_1d=exclude_1d, exclude=exclude, **options)
