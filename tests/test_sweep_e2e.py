@@ -47,8 +47,7 @@ def test_tiny_study_end_to_end(tmp_path):
         assert s["max_batch_within_0p3pp"] in (16, 64, 256)
         probe = s["probes"][0]
         assert probe["at_target"]["b_simple"] > 0 and probe["over_training"]
-    lars = payload["settings_results"][1]
-    assert lars["b_noise_layerwise_at_target"]["estimate"] > 0
+    assert all("b_noise_layerwise_at_target" not in s for s in payload["settings_results"])
     small = [r for r in payload["runs"] if r["batch_size"] == 16 and r["role"] == "measure"]
     assert all(r["status"] == "reached" for r in small)
     for r in small:   # the crossing lies between the two evaluations around the target

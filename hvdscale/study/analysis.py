@@ -93,8 +93,6 @@ def analyse_setting(runs, info, bootstrap=300):
     two_x, raw = b_crit_2x_offset_removed(combined)
     probes = [p["_result"] for p in info["probes"] if "_result" in p]
     noise = combine_seeds(probes)
-    layerwise = combine_seeds(probes, layerwise=True) if info["optimizer"] in ("lars", "lamb") \
-        else None
     online = [p.get("online_b_simple_at_target") for p in info["probes"]
               if p.get("online_b_simple_at_target") is not None]
     table = accuracy_table(runs, label)
@@ -121,12 +119,9 @@ def analyse_setting(runs, info, bootstrap=300):
         "b_crit_2x_rule_raw": raw.b_crit,
         "b_noise_at_target": noise.as_dict() if noise else
         {"estimate": None, "ci_low": None, "ci_high": None},
-        "b_noise_layerwise_at_target": layerwise.as_dict() if layerwise else None,
         "b_simple_online_at_target": float(np.median(online)) if online else None,
         "predicted_over_measured": ratio,
         "predicted_over_measured_ci": ratio_ci,
-        "layerwise_over_measured": (layerwise.estimate / fit.b_crit) if (layerwise and fit)
-        else None,
         "accuracy_at_budget": {str(b): row for b, row in table.items()},
         "max_batch_within_0p3pp": b_max,
         "max_batch_within_0p3pp_seed_bootstrap": list(b_max_ci),

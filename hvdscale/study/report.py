@@ -28,30 +28,6 @@ def write_report(payload, report_dir):
     return path
 
 
-def why_layerwise_differs(s):
-    """One sentence, from the per-layer probe, on why the trust-ratio-aware noise scale and the
-    raw-gradient B_simple differ for a layer-wise optimizer."""
-    probes = [p for p in s["probes"] if p.get("at_target")]
-    if not probes or s.get("b_noise_layerwise_at_target") is None:
-        return ""
-    layers = probes[0]["at_target"]["per_layer"]
-    raw_share = {n: v["g2"] for n, v in layers.items()}
-    pre_share = {n: (v.get("trust") or 1.0) ** 2 * (v.get("g2_pre") or 0.0)
-                 for n, v in layers.items()}
-    top_raw = max(raw_share, key=raw_share.get)
-    top_pre = max(pre_share, key=pre_share.get)
-    tot_raw, tot_pre = sum(raw_share.values()), sum(pre_share.values())
-    raw_b = layers[top_raw].get("b_simple")
-    pre_b = layers[top_pre].get("b_pre")
-    return (f"The raw-gradient B_simple is dominated by `{top_raw}` "
-            f"({100 * raw_share[top_raw] / tot_raw:.0f} % of |G|^2, its own noise scale "
-            f"{_fmt(raw_b)}), while the update of {s['optimizer'].upper()} rescales every layer "
-            f"by its trust ratio, so its signal is dominated by `{top_pre}` "
-            f"({100 * pre_share[top_pre] / tot_pre:.0f} % of the rescaled |G|^2, noise scale "
-            f"{_fmt(pre_b)} after the optimizer's preconditioning): the two estimates weight the "
-            f"layers differently.")
-
-
 def render(payload, plots):
     meta = payload["meta"]
     settings = payload["settings_results"]
@@ -74,16 +50,15 @@ def render(payload, plots):
              "",
              "## Result", "",
              "| setting | B_crit fit [95% CI] | 2x rule - 2 B_ref | B_noise at target [95% CI] "
-             "| layer-wise B_noise [95% CI] | online B_simple at target | predicted / measured "
+             "| online B_simple at target | predicted / measured "
              "[95% CI] | max batch within 0.3 pp (seed bootstrap) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for s in settings:
         ratio = s["predicted_over_measured"]
         rci = s.get("predicted_over_measured_ci")
-        lw = s.get("b_noise_layerwise_at_target")
         lines.append(
             f"| {s['setting']} | {_ci(s['b_crit'])} | {_fmt(s['b_crit_2x_rule_offset_removed'])} "
-            f"| {_ci(s['b_noise_at_target'])} | {_ci(lw) if lw else '-'} "
+            f"| {_ci(s['b_noise_at_target'])} "
             f"| {_fmt(s['b_simple_online_at_target'])} "
             f"| {_fmt(ratio, 2)} [{_fmt(rci[0], 2) if rci else '-'}, "
             f"{_fmt(rci[1], 2) if rci else '-'}] "
@@ -104,11 +79,6 @@ def render(payload, plots):
             f"B={bmax} ({100 * acc[bmax]['mean']:.2f} +- {100 * acc[bmax]['std']:.2f} %); a seed "
             f"bootstrap puts that batch between {s['max_batch_within_0p3pp_seed_bootstrap'][0]} "
             f"and {s['max_batch_within_0p3pp_seed_bootstrap'][1]}.")
-        why = why_layerwise_differs(s)
-        if why:
-            lw = s["b_noise_layerwise_at_target"]
-            lines.append(f"  Layer-wise (trust-ratio-aware) noise scale: {_ci(lw)}, "
-                         f"{_fmt(s.get('layerwise_over_measured'), 2)}x the fit. {why}")
     lines += ["", "## Accuracy at the fixed epoch budget (mean +- std over the fresh seeds, %)", "",
               "| batch | " + " | ".join(s["setting"] for s in settings) + " |",
               "|---:|" + "---:|" * len(settings)]
@@ -238,16 +208,15 @@ def write_plots(payload, out):
         c = COLORS.get(s["optimizer"], "k")
         first = next((p for p in s["probes"] if p.get("over_training")), None)
         if first:
-            tr = first["over_training"]
+            # a probe that did not resolve |G|^2 (b_simple None, upper bound inf) is left out
+            tr = [t for t in first["over_training"] if t["b_simple"] is not None
+                  and t["b_simple_ci"] and None not in t["b_simple_ci"]]
             steps = [t["step"] for t in tr]
             b = [t["b_simple"] for t in tr]
-            lo = [t["b_simple_ci"][0] if t["b_simple_ci"] else v for t, v in zip(tr, b)]
-            hi = [t["b_simple_ci"][1] if t["b_simple_ci"] else v for t, v in zip(tr, b)]
+            lo = [t["b_simple_ci"][0] for t in tr]
+            hi = [t["b_simple_ci"][1] for t in tr]
             ax.errorbar(steps, b, yerr=[np.subtract(b, lo), np.subtract(hi, b)], fmt="o-",
                         color=c, capsize=2, label="probe B_simple (64x32, frozen)")
-            if any(t.get("b_layerwise") for t in tr):
-                ax.plot(steps, [t["b_layerwise"] for t in tr], "s--", color="purple",
-                        label="probe, trust-ratio-aware")
             if first.get("online_trace"):
                 on = np.array(first["online_trace"])
                 ax.plot(on[:, 0], on[:, 1], "-", color="gray", alpha=0.6, lw=1,

@@ -238,9 +238,10 @@ class Study:
     def _probe(self, setting, out, seed, res):
         """Frozen-weights probes: at the weights of the target crossing, and (first seed) at the
         snapshots taken along the run for the noise-over-training plot."""
-        from hvdscale.study.inproc import build
-        from hvdscale.study.probe import probe
-        from hvdscale.study.inproc import RunConfig
+        import torch.nn.functional as F
+
+        from hvdscale.study.inproc import RunConfig, build
+        from hvdscale.study.probe import probe_noise_scale
 
         s = self.s
 
@@ -249,10 +250,9 @@ class Study:
                             seed, 1, 1, s.target)
             model, _ = build(cfg)
             model.load_state_dict(state["model"])
-            return probe(model, self.data.x_train, self.data.y_train, micro=s.probe_micro,
-                         count=s.probe_count, seed=seed, optimizer=setting.optimizer,
-                         optimizer_cfg=setting.optimizer_cfg,
-                         optimizer_state=state.get("optimizer"), replicates=s.bootstrap)
+            return probe_noise_scale(model, F.cross_entropy, self.data.x_train,
+                                     self.data.y_train, micro=s.probe_micro,
+                                     count=s.probe_count, seed=seed)
 
         entry = {"seed": seed, "online_trace": res.online_noise,
                  "steps_to_target": res.steps_to_target}
@@ -308,17 +308,12 @@ def _run_one_setting(job):
 
 
 def _probe_record(p, step):
-    import numpy as np
+    def finite(v):
+        return v if math.isfinite(v) else None      # JSON has no inf: an unresolved |G|^2
 
-    def ci(boot):
-        if boot is None:
-            return None
-        finite = boot[np.isfinite(boot)]
-        return [float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite) else None
-
-    return {"step": step, "b_simple": p.b_simple, "b_simple_ci": ci(p.boot_simple),
-            "b_layerwise": p.b_layerwise, "b_layerwise_ci": ci(p.boot_layerwise),
-            "per_layer": p.per_layer}
+    return {"step": step, "b_simple": finite(p.b_simple),
+            "b_simple_ci": [finite(p.ci_low), finite(p.ci_high)], "g2": p.g2,
+            "trace": p.trace, "micro": p.micro, "count": p.count}
 
 
 def _best_lr(tried):
