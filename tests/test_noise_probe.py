@@ -158,3 +158,17 @@ def test_seeds_combine_as_a_t_interval_of_log_noise_scales():
     assert combine_seeds(probes[:1]) is None
     assert combine_seeds(probes[:2] + [NoiseProbe(math.inf, 0, math.inf, -1.0, 1.0, 32, 64,
                                                   60000, 0.95)]) is None
+
+
+def test_micro_batches_covering_the_population_give_its_exact_gradient(softmax_population):
+    # drawn without replacement, 128 x 32 = all 4096 examples: their mean gradient is G itself,
+    # and the finite-population correction must leave |G|^2 exact (without it: low by tr/N)
+    teacher, x, y = softmax_population
+    weight = 0.6 * teacher
+    residual = torch.softmax(x @ weight.T, 1) - torch.nn.functional.one_hot(y, CLASSES).double()
+    per_example = torch.cat([(residual[:, :, None] * x[:, None, :]).reshape(POP, -1), residual], 1)
+    mean = per_example.mean(0)
+    res = probe_noise_scale(_softmax_model(weight), torch.nn.functional.cross_entropy, x, y,
+                            micro=32, count=128, seed=4)
+    assert res.g2 == pytest.approx(float(mean @ mean), rel=1e-9)
+    assert res.trace == pytest.approx(float(((per_example - mean) ** 2).sum(1).mean()), rel=0.3)

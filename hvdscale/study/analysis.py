@@ -1,12 +1,115 @@
 """From the study's run records and probes to the numbers of results.json (per setting):
 B_crit from the censored fit of McCandlish's trade-off with a seed bootstrap, the 2x rule as a
 cross-check, B_noise at the target, their ratio, and the accuracy at the fixed epoch budget.
+
+The statistics of the study's conclusions (framework-neutral, docs/study.md "Statistics"):
+accuracy per batch with t-intervals over seeds, the drop against B_ref in percentage points
+with Welch's interval, b_max, the positive control, B_crit with fit-form uncertainty, and
+B_noise as the median over a window of snapshots around the target.
 """
 import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from hvdscale.core.metrics import (SweepPoint, b_crit_2x_offset_removed, bootstrap_tradeoff)
+from hvdscale.core.metrics import (SweepPoint, b_crit_2x_offset_removed, bootstrap_tradeoff,
+                                   fit_tradeoff)
+from hvdscale.core.stats import Interval, mean_interval, welch_interval
+from hvdscale.errors import ConfigError
+
+MEAN_DROP_PP = 0.5       # b_max: mean drop below this ...
+UPPER_DROP_PP = 1.0      # ... and the upper 95 % bound of the drop below this
+CONTROL_DROP_PP = 1.0    # positive control: a mean drop of at least this, interval above 0
+
+
+def accuracy_summary(accuracy_by_batch: Mapping[int, Sequence[float]],
+                     level: float = 0.95) -> dict:
+    """Per batch the test accuracy (fractions, one per seed) as a mean with its t-interval, and
+    the drop against the smallest batch B_ref in percentage points, 100 (mean_ref - mean_B),
+    with Welch's interval (the seeds of two batch sizes are independent groups); b_max as in
+    `b_max`. A batch with fewer than two seeds gets no interval (None)."""
+    if not accuracy_by_batch:
+        raise ConfigError("accuracy summary: no batch sizes given")
+    b_ref = min(accuracy_by_batch)
+    ref = [100.0 * a for a in accuracy_by_batch[b_ref]]
+    accuracy, drops = {}, {}
+    for batch in sorted(accuracy_by_batch):
+        values = [100.0 * a for a in accuracy_by_batch[batch]]
+        if len(values) < 2 or len(ref) < 2:
+            accuracy[batch] = drops[batch] = None
+            continue
+        accuracy[batch] = mean_interval(values, level)
+        if batch != b_ref:
+            drops[batch] = welch_interval(ref, values, level)
+    drops.pop(b_ref, None)
+    return {"b_ref": b_ref, "b_max": b_max(b_ref, drops), "accuracy_pct": accuracy,
+            "drop_pp": drops}
+
+
+def b_max(b_ref: int, drops: Mapping[int, Optional[Interval]]) -> int:
+    """The largest batch whose mean drop is < 0.5 pp and whose upper 95 % bound of the drop is
+    < 1 pp (issue 21's definition, batch by batch: a larger batch may qualify after a smaller
+    one failed); B_ref itself when none does. A batch without an interval does not qualify."""
+    ok = [b for b, d in drops.items() if d is not None and d.estimate < MEAN_DROP_PP
+          and d.ci_high < UPPER_DROP_PP]
+    return max([b_ref] + ok)
+
+
+def positive_control(drops: Mapping[int, Optional[Interval]]) -> Optional[int]:
+    """The smallest batch that loses >= 1 pp against B_ref with an interval excluding 0, or
+    None (then the range or the budget is too small to show the effect)."""
+    hits = [b for b, d in drops.items() if d is not None and d.estimate >= CONTROL_DROP_PP
+            and d.ci_low > 0]
+    return min(hits) if hits else None
+
+
+def b_crit_fit_forms(points_by_seed: Mapping[object, Sequence[SweepPoint]],
+                     replicates: int = 300, level: float = 0.95, seed: int = 0) -> dict:
+    """B_crit from the steps-to-target fit with an interval that includes the uncertainty of
+    the fit's form: the envelope of the seed-bootstrap intervals of the fit to every run and of
+    the fit without the smallest batch, and of the per-seed fits (one run per batch: a point
+    each, nothing to resample). The estimate is the fit to every run.
+    Returns {"estimate", "ci_low", "ci_high", "fits": {name: {"estimate", "ci_low",
+    "ci_high"}}}; None values when the fit to every run is impossible."""
+    every = [p for pts in points_by_seed.values() for p in pts]
+    fits = {}
+    smallest = min((p.batch_size for p in every), default=None)
+    for name, pts in (("all", every),
+                      ("without_smallest", [p for p in every if p.batch_size != smallest])):
+        fit, lo, hi, _ = bootstrap_tradeoff(pts, replicates, level, seed)
+        if fit is not None:
+            fits[name] = {"estimate": fit.b_crit, "ci_low": lo, "ci_high": hi}
+    for key, pts in points_by_seed.items():
+        fit = fit_tradeoff(list(pts))
+        if fit is not None:
+            fits[f"seed_{key}"] = {"estimate": fit.b_crit, "ci_low": fit.b_crit,
+                                   "ci_high": fit.b_crit}
+    if "all" not in fits:
+        return {"estimate": None, "ci_low": None, "ci_high": None, "fits": fits}
+    lows = [f["ci_low"] if f["ci_low"] is not None else f["estimate"] for f in fits.values()]
+    highs = [f["ci_high"] if f["ci_high"] is not None else f["estimate"] for f in fits.values()]
+    return {"estimate": fits["all"]["estimate"], "ci_low": min(lows), "ci_high": max(highs),
+            "fits": fits}
+
+
+def noise_in_window(readings: Sequence[Tuple[float, float]], half_width: float,
+                    replicates: int = 4000, level: float = 0.95, seed: int = 0) -> Interval:
+    """B_noise over a window of snapshots around the target: readings are (steps from the
+    target, B_simple) pairs (several seeds' snapshots may be pooled, each seed's steps counted
+    from its own target); the median of those within +-half_width steps, with a percentile
+    bootstrap interval over them (resampled with replacement; an unresolved probe, inf,
+    counts as a large value, not dropped)."""
+    inside = np.array([v for step, v in readings if abs(step) <= half_width], dtype=float)
+    if len(inside) < 3:
+        raise ConfigError(f"noise window: {len(inside)} snapshot(s) within +-{half_width:g} "
+                          f"steps of the target, need at least 3 (more snapshots, or a wider "
+                          f"window)")
+    rng = np.random.default_rng(seed)
+    boot = np.median(inside[rng.integers(0, len(inside), size=(replicates, len(inside)))],
+                     axis=1)
+    tail = 0.5 * (1 - level)
+    return Interval(float(np.median(inside)), float(np.quantile(boot, tail, method="lower")),
+                    float(np.quantile(boot, 1 - tail, method="higher")))
 
 WITHIN = 0.003       # 0.3 percentage points
 
