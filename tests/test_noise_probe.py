@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 import hvdscale.study.probe as probe_module  # noqa: E402
 from hvdscale.errors import ConfigError  # noqa: E402
-from hvdscale.study.probe import NoiseProbe, combine_seeds, probe_noise_scale  # noqa: E402
+from hvdscale.study.probe import probe_noise_scale  # noqa: E402
 
 DIM, NOISE = 8, 1.0
 
@@ -145,19 +145,6 @@ def test_probe_handles_unused_parameters_and_rejects_bad_sizes(softmax_populatio
         probe_noise_scale(model, torch.nn.functional.cross_entropy, x, y, micro=64, count=65)
     with pytest.raises(ConfigError, match="count >= 2"):
         probe_noise_scale(model, torch.nn.functional.cross_entropy, x, y, micro=8, count=1)
-
-
-def test_seeds_combine_as_a_t_interval_of_log_noise_scales():
-    probes = [NoiseProbe(b, b, b, 1.0, b, 32, 64, 60000, 0.95) for b in (100.0, 200.0, 400.0)]
-    ci = combine_seeds(probes)
-    # logs: ln 100 + ln 2 * (0, 1, 2): mean ln 200, s = ln 2, t_{0.975, 2} = 4.302653 (tables)
-    half = 4.302653 * math.log(2) / math.sqrt(3)
-    assert ci.estimate == pytest.approx(200.0)
-    assert ci.ci_low == pytest.approx(200.0 * math.exp(-half), rel=1e-5)
-    assert ci.ci_high == pytest.approx(200.0 * math.exp(half), rel=1e-5)
-    assert combine_seeds(probes[:1]) is None
-    assert combine_seeds(probes[:2] + [NoiseProbe(math.inf, 0, math.inf, -1.0, 1.0, 32, 64,
-                                                  60000, 0.95)]) is None
 
 
 def test_micro_batches_covering_the_population_give_its_exact_gradient(softmax_population):

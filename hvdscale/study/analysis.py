@@ -8,7 +8,7 @@ with Welch's interval, b_max, the positive control, B_crit with fit-form uncerta
 B_noise as the median over a window of snapshots around the target.
 """
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,19 +22,19 @@ UPPER_DROP_PP = 1.0      # ... and the upper 95 % bound of the drop below this
 CONTROL_DROP_PP = 1.0    # positive control: a mean drop of at least this, interval above 0
 
 
-def accuracy_summary(accuracy_by_batch: Mapping[int, Sequence[float]],
+def accuracy_summary(values_by_batch: Mapping[int, Sequence[float]],
                      level: float = 0.95) -> dict:
     """Per batch the test accuracy (fractions, one per seed) as a mean with its t-interval, and
     the drop against the smallest batch B_ref in percentage points, 100 (mean_ref - mean_B),
     with Welch's interval (the seeds of two batch sizes are independent groups); b_max as in
     `b_max`. A batch with fewer than two seeds gets no interval (None)."""
-    if not accuracy_by_batch:
+    if not values_by_batch:
         raise ConfigError("accuracy summary: no batch sizes given")
-    b_ref = min(accuracy_by_batch)
-    ref = [100.0 * a for a in accuracy_by_batch[b_ref]]
+    b_ref = min(values_by_batch)
+    ref = [100.0 * a for a in values_by_batch[b_ref]]
     accuracy, drops = {}, {}
-    for batch in sorted(accuracy_by_batch):
-        values = [100.0 * a for a in accuracy_by_batch[batch]]
+    for batch in sorted(values_by_batch):
+        values = [100.0 * a for a in values_by_batch[batch]]
         if len(values) < 2 or len(ref) < 2:
             accuracy[batch] = drops[batch] = None
             continue
@@ -111,20 +111,18 @@ def noise_in_window(readings: Sequence[Tuple[float, float]], half_width: float,
     return Interval(float(np.median(inside)), float(np.quantile(boot, tail, method="lower")),
                     float(np.quantile(boot, 1 - tail, method="higher")))
 
-WITHIN = 0.003       # 0.3 percentage points
-
-
 def measurement_points(runs, setting):
-    """SweepPoints of the fresh-seed runs of one setting (the tuning runs are left out)."""
-    out = []
+    """{seed: SweepPoints} of the fresh-seed runs of one setting (tuning runs left out)."""
+    out = {}
     for r in runs:
         if r["setting"] != setting or r["role"] != "measure":
             continue
         if r["status"] == "reached":
-            out.append(SweepPoint(r["batch_size"], r["steps_to_target"], r["steps_to_target"]))
+            point = SweepPoint(r["batch_size"], r["steps_to_target"], r["steps_to_target"])
         else:   # missed within the budget, or diverged (it would never have reached it)
             steps = r["budget_steps"] if r["status"] == "diverged" else r["steps_run"]
-            out.append(SweepPoint(r["batch_size"], None, steps))
+            point = SweepPoint(r["batch_size"], None, steps)
+        out.setdefault(r["seed"], []).append(point)
     return out
 
 
@@ -142,91 +140,67 @@ def combined_points(points):
     return out
 
 
-def accuracy_table(runs, setting):
-    """batch -> {"mean", "std", "n", "values"} of the accuracy at the fixed epoch budget."""
+def accuracy_by_batch(runs, setting):
+    """batch -> the test accuracies at the fixed epoch budget, one per fresh seed."""
     by = {}
     for r in runs:
         if r["setting"] == setting and r["role"] in ("measure", "accuracy") and \
                 r["accuracy_at_budget"] is not None:
-            acc = r["accuracy_at_budget"]
-            by.setdefault(r["batch_size"], []).append(0.0 if acc is None else acc)
-    table = {}
-    for b, values in sorted(by.items()):
-        arr = np.array(values)
-        table[b] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1
-                    else 0.0, "n": len(arr), "values": [float(v) for v in arr]}
-    return table
+            by.setdefault(r["batch_size"], []).append(r["accuracy_at_budget"])
+    return by
 
 
-def max_batch_within(table, tolerance=WITHIN):
-    """Largest batch such that it and every batch between it and B_ref keep a mean accuracy
-    within `tolerance` of B_ref's mean."""
-    sizes = sorted(table)
-    ref = table[sizes[0]]["mean"]
-    best = sizes[0]
-    for b in sizes[1:]:
-        if table[b]["mean"] >= ref - tolerance:
-            best = b
-        else:
-            break
-    return best
+def _as_dict(interval):
+    return interval.as_dict() if interval is not None else None
 
 
-def within_by_seed(table, tolerance=WITHIN, replicates=500, seed=0):
-    """Bootstrap over seeds of max_batch_within: the 2.5/97.5 percentiles (batch sizes)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(replicates):
-        sample = {}
-        for b, row in table.items():
-            v = np.array(row["values"])
-            sample[b] = {"mean": float(v[rng.integers(0, len(v), len(v))].mean())}
-        values.append(max_batch_within(sample, tolerance))
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return int(lo), int(hi)
-
-
-def analyse_setting(runs, info, bootstrap=300):
-    from hvdscale.study.probe import combine_seeds
-
+def analyse_setting(runs, info, bootstrap=300, noise_window=0.25):
     label = info["setting"]
-    points = measurement_points(runs, label)
-    fit, lo, hi, refits = bootstrap_tradeoff(points, replicates=bootstrap)
-    combined = combined_points(points)
-    two_x, raw = b_crit_2x_offset_removed(combined)
-    probes = [p["_result"] for p in info["probes"] if "_result" in p]
-    noise = combine_seeds(probes)
+    by_seed = measurement_points(runs, label)
+    points = [p for pts in by_seed.values() for p in pts]
+    b_crit = b_crit_fit_forms(by_seed, replicates=bootstrap)
+    fit, _, _, refits = bootstrap_tradeoff(points, replicates=bootstrap)
+    two_x, raw = b_crit_2x_offset_removed(combined_points(points))
+    readings = [(w["offset"], w["b_simple"] if w["b_simple"] is not None else math.inf)
+                for p in info["probes"] for w in p.get("window", [])]
+    try:
+        noise = noise_in_window(readings, noise_window)
+    except ConfigError:          # too few snapshots near the target: no B_noise
+        noise = None
     online = [p.get("online_b_simple_at_target") for p in info["probes"]
               if p.get("online_b_simple_at_target") is not None]
-    table = accuracy_table(runs, label)
-    b_max = max_batch_within(table)
-    b_max_ci = within_by_seed(table)
+    acc = accuracy_summary(accuracy_by_batch(runs, label))
     ratio = ratio_ci = None
-    if fit is not None and noise is not None:
-        ratio = noise.estimate / fit.b_crit
-        if lo and hi:
-            ratio_ci = [noise.ci_low / hi, noise.ci_high / lo]
+    if b_crit["estimate"] and noise is not None:
+        ratio = noise.estimate / b_crit["estimate"]
+        ratio_ci = [noise.ci_low / b_crit["ci_high"], noise.ci_high / b_crit["ci_low"]]
     return {
         "setting": label,
         "optimizer": info["optimizer"],
-        "seeds": len({r["seed"] for r in runs if r["setting"] == label and r["role"] == "measure"}),
+        "seeds": len(by_seed),
         "lr_grid": info["lr_grid"],
         "chosen_lr": info["chosen_lr"],
         "chosen_lr_accuracy": info["chosen_lr_accuracy"],
         "scaling": info["scaling"],
-        "b_crit": {"estimate": fit.b_crit if fit else None, "ci_low": lo, "ci_high": hi},
+        "b_crit": {k: b_crit[k] for k in ("estimate", "ci_low", "ci_high")},
+        "b_crit_fits": b_crit["fits"],
         "s_min": fit.s_min if fit else None,
-        "fit_replicates": [[f.s_min, f.e_min] for f in refits],
         "e_min": fit.e_min if fit else None,
+        "fit_replicates": [[f.s_min, f.e_min] for f in refits],
         "b_crit_2x_rule_offset_removed": two_x,
         "b_crit_2x_rule_raw": raw.b_crit,
-        "b_noise_at_target": noise.as_dict() if noise else
-        {"estimate": None, "ci_low": None, "ci_high": None},
+        "b_noise": dict(_as_dict(noise) or {"estimate": None, "ci_low": None, "ci_high": None},
+                        window=noise_window, snapshots=len(readings)),
         "b_simple_online_at_target": float(np.median(online)) if online else None,
         "predicted_over_measured": ratio,
         "predicted_over_measured_ci": ratio_ci,
-        "accuracy_at_budget": {str(b): row for b, row in table.items()},
-        "max_batch_within_0p3pp": b_max,
-        "max_batch_within_0p3pp_seed_bootstrap": list(b_max_ci),
-        "probes": [{k: v for k, v in p.items() if k != "_result"} for p in info["probes"]],
+        "b_ref": acc["b_ref"],
+        "b_max": acc["b_max"],
+        "positive_control_batch": positive_control(acc["drop_pp"]),
+        "accuracy_pct": {str(b): _as_dict(v) for b, v in acc["accuracy_pct"].items()},
+        "drop_pp": {str(b): _as_dict(v) for b, v in acc["drop_pp"].items()},
+        "accuracy_values": {str(b): v for b, v in accuracy_by_batch(runs, label).items()},
+        "probes": info["probes"],
     }
+
+

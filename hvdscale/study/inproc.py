@@ -14,8 +14,9 @@ A run records
 - `diverged` when the training loss turns non-finite or exceeds `DIVERGED_LOSS` (a
   10-class model that has learnt nothing has loss ln 10 = 2.3);
 - the accuracy on the whole test set after a fixed number of epochs (the accuracy budget);
-- optionally the weights and optimizer state at the first evaluation at or above the target
-  (for the frozen-weights noise probe) and an online noise-scale trace.
+- optionally snapshots of the weights and optimizer state every few steps, on both sides of
+  the target (for the frozen-weights noise probe over a window), and an online noise-scale
+  trace.
 """
 import copy
 import math
@@ -84,6 +85,8 @@ class RunConfig:
     noise_every: int = 0         # online noise-scale reading every N steps (0 = off)
     noise_ema: float = 0.95
     snapshot_every: int = 0      # keep weights + optimizer state every N steps (0 = never)
+    continue_after_target: float = 0.0   # train on this fraction of the steps to target after
+    #                                      reaching it (snapshots on both sides of the target)
 
 
 @dataclass
@@ -204,7 +207,9 @@ def train(cfg: RunConfig, data: Data) -> RunResult:
                     result.target_state = _state(done, model, opt)
             prev = cur
         result.steps_run = done
-        finished_target = result.steps_to_target is not None or done >= cfg.max_steps
+        finished_target = done >= cfg.max_steps or (
+            result.steps_to_target is not None
+            and done >= result.steps_to_target * (1 + cfg.continue_after_target))
         if finished_target and cfg.stop_at_target and (fork is not None or not acc_steps):
             break
     if acc_steps and result.accuracy_at_budget is None and fork is not None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hvdscale.core.noise_scale import unbiased_estimates
-from hvdscale.core.stats import Interval, mean_interval, t_quantile
+from hvdscale.core.stats import t_quantile
 from hvdscale.errors import ConfigError
 
 
@@ -114,14 +114,3 @@ def probe_noise_scale(model: torch.nn.Module, loss_fn: Callable, x, y, *, micro:
     half = t_quantile(0.5 * (1 + level), count - 1) * se
     return NoiseProbe(b, b * math.exp(-half), b * math.exp(half), g2, trace, micro, count,
                       n_pop, level)
-
-
-def combine_seeds(results, level=0.95):
-    """Geometric mean over seeds of the probes' B_simple, with the t-interval of the mean of
-    log B_simple over the seeds (each seed's own probe error is inside the seeds' spread).
-    None with fewer than two seeds or a probe that did not resolve |G|^2."""
-    logs = [math.log(r.b_simple) for r in results if 0 < r.b_simple < math.inf]
-    if len(logs) < 2 or len(logs) < len(results):
-        return None
-    ci = mean_interval(logs, level)
-    return Interval(math.exp(ci.estimate), math.exp(ci.ci_low), math.exp(ci.ci_high))
