@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hvdscale.core.metrics import interpolated_crossing as crossing
 from hvdscale.core.noise_scale import NoiseScaleEstimator
 
 DIVERGED_LOSS = 10.0
@@ -105,15 +106,6 @@ class RunResult:
     @property
     def reached(self):
         return self.status == "reached"
-
-
-def crossing(prev, cur, target):
-    """Step where the accuracy crosses `target` between two evaluations (step, acc) by linear
-    interpolation; the later step when the earlier evaluation is already at the target."""
-    (s0, a0), (s1, a1) = prev, cur
-    if a0 >= target or a1 <= a0:
-        return float(s1)
-    return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
 
 
 def lr_at(step, peak, warmup_steps):
