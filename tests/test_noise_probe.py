@@ -18,6 +18,15 @@ from hvdscale.study.probe import probe_noise_scale  # noqa: E402
 DIM, NOISE = 8, 1.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: two OpenMP threads only spin-wait on a loaded 2-core machine (docs/study.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _half_squared_error(outputs, targets):
     return 0.5 * ((outputs.squeeze(-1) - targets) ** 2).mean()
 
@@ -159,3 +168,55 @@ def test_micro_batches_covering_the_population_give_its_exact_gradient(softmax_p
                             micro=32, count=128, seed=4)
     assert res.g2 == pytest.approx(float(mean @ mean), rel=1e-9)
     assert res.trace == pytest.approx(float(((per_example - mean) ** 2).sum(1).mean()), rel=0.3)
+
+
+# ------------------------------------------------- the study's own model on real images
+def _per_example_noise_scale(model, x, y):
+    """tr(Sigma) / |G|^2 over the population for a model of nn.Linear layers and element-wise
+    activations, from per-example gradients written out: for a Linear layer with input a and
+    output gradient delta (of the summed loss), dL/dW = delta a^T and dL/db = delta, so
+    |g|^2 = sum over layers of |delta|^2 (|a|^2 + 1). G is the full-batch gradient."""
+    inputs, outputs = {}, {}
+
+    def keep(module, args, output):
+        inputs[module], outputs[module] = args[0], output
+        output.retain_grad()
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    sq = sum((outputs[m].grad.double() ** 2).sum(1)
+             * ((inputs[m].detach().double().flatten(1) ** 2).sum(1) + 1.0) for m in inputs)
+    mean_sq = float(sum((p.grad.double() / len(y)).pow(2).sum() for p in model.parameters()))
+    model.zero_grad(set_to_none=True)
+    return (float(sq.mean()) - mean_sq) / mean_sq
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(FASHION), reason="Fashion-MNIST missing")
+def test_probe_on_the_study_mlp_against_per_example_gradients():
+    from hvdscale.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+    from hvdscale.torch.models import build_model
+
+    images, labels, _, _ = load_fashion_mnist(None)
+    x = ((torch.from_numpy(np.asarray(images[:4096], dtype=np.float32)) / 255.0 - MEAN) / STD)
+    x, y = x.unsqueeze(1), torch.from_numpy(np.asarray(labels[:4096])).long()
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, 1, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for steps in (0, 300):        # at initialisation, then after 300 SGD steps
+        for _ in range(steps):
+            idx = torch.randint(0, 4096, (32,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        truth = _per_example_noise_scale(model, x, y)
+        res = probe_noise_scale(model, torch.nn.functional.cross_entropy, x, y, micro=32,
+                                count=64, seed=1)
+        assert res.ci_low <= truth <= res.ci_high, (steps, truth, res)
