@@ -158,13 +158,34 @@ def test_window_median_against_the_exact_bootstrap(inside):
     # readings outside +-50 steps are extreme: the window must leave them out
     readings = [(-150, 1e6), (-51, 1e-3), (90, 5e5)]
     readings += [(step, v) for step, v in zip(np.linspace(-50, 50, len(inside)), inside)]
-    ci = noise_in_window(readings, half_width=50)
     ordered = sorted(inside)
-    assert ci.estimate == ordered[len(ordered) // 2]
-    assert ci.ci_low == _exact_bootstrap_median_quantile(ordered, 0.025)
-    assert ci.ci_high == _exact_bootstrap_median_quantile(ordered, 0.975)
+    # one snapshot per seed: drawing seeds, then snapshots within them, is the same bootstrap
+    for groups in (None, list(range(len(readings)))):
+        ci = noise_in_window(readings, half_width=50, groups=groups)
+        assert ci.estimate == ordered[len(ordered) // 2]
+        assert ci.ci_low == _exact_bootstrap_median_quantile(ordered, 0.025)
+        assert ci.ci_high == _exact_bootstrap_median_quantile(ordered, 0.975)
 
 
 def test_window_needs_snapshots():
     with pytest.raises(ConfigError, match="2 snapshot"):
         noise_in_window([(0, 100.0), (10, 120.0), (400, 90.0)], half_width=50)
+
+
+def test_window_interval_by_seed_covers_a_known_median():
+    # 5 seeds, each run's 8 snapshots share the run's level (log-normal around 100, so the
+    # median of what a run reads is 100) and differ little among themselves: resampling
+    # snapshots alone ignores the seed-to-seed spread, resampling seeds first does not
+    rng = np.random.default_rng(0)
+    plain = grouped = 0
+    for rep in range(100):
+        readings, groups = [], []
+        for seed in range(5):
+            level = 100.0 * math.exp(0.3 * rng.normal())
+            readings += [(k - 4, level * math.exp(0.05 * rng.normal())) for k in range(8)]
+            groups += [seed] * 8
+        p = noise_in_window(readings, 10, replicates=500, seed=rep)
+        g = noise_in_window(readings, 10, replicates=500, seed=rep, groups=groups)
+        plain += p.ci_low <= 100.0 <= p.ci_high
+        grouped += g.ci_low <= 100.0 <= g.ci_high
+    assert grouped >= 85 and plain <= 75, (grouped, plain)

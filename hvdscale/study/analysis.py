@@ -93,23 +93,48 @@ def b_crit_fit_forms(points_by_seed: Mapping[object, Sequence[SweepPoint]],
 
 
 def noise_in_window(readings: Sequence[Tuple[float, float]], half_width: float,
-                    replicates: int = 4000, level: float = 0.95, seed: int = 0) -> Interval:
+                    replicates: int = 4000, level: float = 0.95, seed: int = 0,
+                    groups: Optional[Sequence] = None) -> Interval:
     """B_noise over a window of snapshots around the target: readings are (steps from the
     target, B_simple) pairs (several seeds' snapshots may be pooled, each seed's steps counted
     from its own target); the median of those within +-half_width steps, with a percentile
-    bootstrap interval over them (resampled with replacement; an unresolved probe, inf,
-    counts as a large value, not dropped)."""
-    inside = np.array([v for step, v in readings if abs(step) <= half_width], dtype=float)
+    bootstrap interval (an unresolved probe, inf, counts as a large value, not dropped).
+    groups: the seed of each reading. Snapshots of one run are correlated, so the bootstrap
+    then draws seeds with replacement and, within each drawn seed, its snapshots with
+    replacement; without groups it draws the readings themselves."""
+    labels = list(groups) if groups is not None else list(range(len(readings)))
+    if len(labels) != len(readings):
+        raise ConfigError(f"noise window: {len(labels)} group labels for {len(readings)} "
+                          f"readings")
+    by_group = {}
+    for (step, value), label in zip(readings, labels):
+        if abs(step) <= half_width:
+            by_group.setdefault(label, []).append(float(value))
+    inside = np.array([v for vs in by_group.values() for v in vs])
     if len(inside) < 3:
         raise ConfigError(f"noise window: {len(inside)} snapshot(s) within +-{half_width:g} "
                           f"steps of the target, need at least 3 (more snapshots, or a wider "
                           f"window)")
     rng = np.random.default_rng(seed)
-    boot = np.median(inside[rng.integers(0, len(inside), size=(replicates, len(inside)))],
-                     axis=1)
+    if groups is None:
+        boot = np.median(inside[rng.integers(0, len(inside), size=(replicates, len(inside)))],
+                         axis=1)
+    else:
+        # seeds as rows of a NaN-padded table; a replicate draws rows, then within each row
+        # as many of its snapshots as it has (positions past a row's size stay NaN)
+        sizes = np.array([len(vs) for vs in by_group.values()])
+        table = np.full((len(sizes), sizes.max()), np.nan)
+        for k, vs in enumerate(by_group.values()):
+            table[k, :len(vs)] = vs
+        rows = rng.integers(0, len(sizes), size=(replicates, len(sizes)))
+        n = sizes[rows][..., None]                                      # [R, G, 1]
+        cols = np.floor(rng.random((replicates, len(sizes), sizes.max())) * n).astype(int)
+        drawn = np.where(np.arange(sizes.max()) < n, table[rows[..., None], cols], np.nan)
+        boot = np.nanmedian(drawn.reshape(replicates, -1), axis=1)
     tail = 0.5 * (1 - level)
     return Interval(float(np.median(inside)), float(np.quantile(boot, tail, method="lower")),
                     float(np.quantile(boot, 1 - tail, method="higher")))
+
 
 def measurement_points(runs, setting):
     """{seed: SweepPoints} of the fresh-seed runs of one setting (tuning runs left out)."""
@@ -163,8 +188,9 @@ def analyse_setting(runs, info, bootstrap=300, noise_window=0.25):
     two_x, raw = b_crit_2x_offset_removed(combined_points(points))
     readings = [(w["offset"], w["b_simple"] if w["b_simple"] is not None else math.inf)
                 for p in info["probes"] for w in p.get("window", [])]
+    seeds = [p["seed"] for p in info["probes"] for _ in p.get("window", [])]
     try:
-        noise = noise_in_window(readings, noise_window)
+        noise = noise_in_window(readings, noise_window, groups=seeds)
     except ConfigError:          # too few snapshots near the target: no B_noise
         noise = None
     online = [p.get("online_b_simple_at_target") for p in info["probes"]
