@@ -44,3 +44,13 @@ def test_accuracy_budget_on_a_decayed_branch():
     assert res.target_state["step"] == res.evals[-1][0]
     # the branch leaves the constant-lr run untouched: same steps to target without it
     assert train(_cfg(), data).steps_to_target == pytest.approx(res.steps_to_target)
+
+
+def test_snapshots_continue_past_the_target():
+    res = train(_cfg(snapshot_every=4, continue_after_target=0.5), _data())
+    assert res.status == "reached"
+    last = res.snapshots[-1]["step"]
+    # training went on to 1.5x the steps to target, and snapshots lie on both sides of it
+    assert res.steps_run >= 1.5 * res.steps_to_target > res.steps_run - 1
+    assert res.snapshots[0]["step"] < res.steps_to_target < last
+    assert [s["step"] for s in res.snapshots] == list(range(4, last + 1, 4))

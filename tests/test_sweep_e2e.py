@@ -14,8 +14,9 @@ pytest.importorskip("torch")
 DATA = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="Debian's dataset-fashion-mnist missing")
 
-KEYS = {"setting", "optimizer", "seeds", "lr_grid", "b_crit", "b_noise_at_target",
-        "predicted_over_measured", "max_batch_within_0p3pp"}
+KEYS = {"setting", "optimizer", "seeds", "lr_grid", "b_crit", "b_crit_fits", "b_noise",
+        "predicted_over_measured", "b_ref", "b_max", "positive_control_batch", "accuracy_pct",
+        "drop_pp"}
 
 
 def _sweep(*args, timeout=240):
@@ -42,13 +43,19 @@ def test_tiny_study_end_to_end(tmp_path):
         assert s["seeds"] == 2
         assert all(len(v) >= 3 for v in s["lr_grid"].values())
         assert set(s["b_crit"]) == {"estimate", "ci_low", "ci_high"}
-        noise = s["b_noise_at_target"]
+        noise = s["b_noise"]
         assert noise["estimate"] > 0 and noise["ci_low"] <= noise["estimate"] <= noise["ci_high"]
-        assert s["max_batch_within_0p3pp"] in (16, 64, 256)
-        probe = s["probes"][0]
-        assert probe["at_target"]["b_simple"] > 0 and probe["over_training"]
-    lars = payload["settings_results"][1]
-    assert lars["b_noise_layerwise_at_target"]["estimate"] > 0
+        assert noise["snapshots"] >= 3
+        fits = s["b_crit_fits"]
+        assert {"all", "without_smallest"} <= set(fits)
+        assert s["b_crit"]["ci_low"] <= fits["all"]["ci_low"] <= fits["all"]["ci_high"] \
+            <= s["b_crit"]["ci_high"]
+        assert s["b_ref"] == 16 and s["b_max"] in (16, 64, 256)
+        assert set(s["drop_pp"]) == {"64", "256"}
+        for probe in s["probes"]:      # window probes lie within +-25 % of the seed's target
+            assert all(abs(w["offset"]) <= 0.25 for w in probe["window"])
+        assert s["probes"][0]["over_training"]
+    assert all("b_noise_layerwise_at_target" not in s for s in payload["settings_results"])
     small = [r for r in payload["runs"] if r["batch_size"] == 16 and r["role"] == "measure"]
     assert all(r["status"] == "reached" for r in small)
     for r in small:   # the crossing lies between the two evaluations around the target

@@ -41,6 +41,9 @@ def add_arguments(parser):
                         help="extra learning rates when the best is at an edge")
     parser.add_argument("--probe", default=f"{d.probe_count}x{d.probe_micro}",
                         help="frozen-weights probe: COUNTxMICRO micro-batches")
+    parser.add_argument("--noise-window", type=float, default=d.noise_window,
+                        help="B_noise: median of the probes within +- this fraction of each "
+                             "seed's steps to target")
     parser.add_argument("--noise-every", type=int, default=d.noise_every,
                         help="online noise-scale reading every N steps at B_ref (0 = off)")
     parser.add_argument("--eval-examples", type=int, default=d.eval_examples,
@@ -93,7 +96,8 @@ def settings_from_args(args):
     for name, value in (("--accuracy-epochs", args.accuracy_epochs),
                         ("--expected-epochs", args.expected_epochs),
                         ("--eval-fraction", args.eval_fraction),
-                        ("--max-budget-epochs", args.max_budget_epochs)):
+                        ("--max-budget-epochs", args.max_budget_epochs),
+                        ("--noise-window", args.noise_window)):
         if not value > 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
     settings = StudySettings(
@@ -105,7 +109,7 @@ def settings_from_args(args):
         lr_factor=args.lr_factor, max_extend=args.max_extend, probe_micro=micro,
         probe_count=count, noise_every=args.noise_every, eval_examples=args.eval_examples,
         train_limit=args.train_limit, data_root=args.data_root, threads=args.threads,
-        jobs=args.jobs,
+        jobs=args.jobs, noise_window=args.noise_window,
         bootstrap=args.bootstrap)
     check(settings)
     return settings
@@ -140,7 +144,8 @@ def run(args):
         start = time.time()
         study = sweep.Study(settings, out, log=lambda m: print(m, file=sys.stderr, flush=True))
         study.run(jobs=settings.jobs)
-        results = [analysis.analyse_setting(study.runs, info, bootstrap=settings.bootstrap)
+        results = [analysis.analyse_setting(study.runs, info, bootstrap=settings.bootstrap,
+                                            noise_window=settings.noise_window)
                    for info in study.settings_out.values()]
         payload = {
             "meta": {"command": command, "machine": machine(), "load_start": load_start,
@@ -167,8 +172,8 @@ def run(args):
                 "wall_s": round(payload["meta"]["wall_s"], 1)}
     for s in payload["settings_results"]:
         headline[s["setting"]] = {
-            "b_crit": s["b_crit"], "b_noise_at_target": s["b_noise_at_target"],
-            "predicted_over_measured": s["predicted_over_measured"],
-            "max_batch_within_0p3pp": s["max_batch_within_0p3pp"]}
+            "b_crit": s["b_crit"], "b_noise": s["b_noise"],
+            "predicted_over_measured": s["predicted_over_measured"], "b_max": s["b_max"],
+            "positive_control_batch": s["positive_control_batch"]}
     print(json.dumps(headline))
     return 0

@@ -78,6 +78,16 @@ class TargetTracker:
         self.epochs_to_target = state.get("epochs_to_target")
 
 
+def interpolated_crossing(prev, cur, target):
+    """Step where the accuracy crosses `target` between two evaluations (step, accuracy), by
+    linear interpolation; the later step when the earlier one is already at the target or the
+    accuracy did not rise."""
+    (s0, a0), (s1, a1) = prev, cur
+    if a0 >= target or a1 <= a0:
+        return float(s1)
+    return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
+
+
 @dataclass
 class SweepPoint:
     """One run of a sweep: steps to target, or None with the step budget it ran out of."""

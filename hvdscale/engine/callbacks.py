@@ -12,8 +12,12 @@ the statistics read's job, whose result `on_stats` receives).
                                           before every evaluation and checkpoint)
     on_evaluate(engine, record)           after each evaluation: the metrics.jsonl record
     on_checkpoint(engine, step)           after a checkpoint was written
-    on_run_end(engine, ending, summary)   always, last: ending is done | target | paused |
-                                          preempted | error; summary is None unless done/target
+    on_run_end(engine, ending, summary)   always, last: ending is done | target | stopped |
+                                          paused | preempted | error; summary is None unless
+                                          done/target/stopped
+
+A callback may end the run with engine.request_stop() (ending "stopped" after the current
+step), deciding from values that are equal on every rank.
 
 A callback that carries state across a resume returns it from state_dict() (JSON-able); the
 engine stores it in the checkpoint's sidecar under callbacks[<callback.name>] and hands it to

@@ -116,6 +116,12 @@ class Engine:
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
         self.callbacks = CallbackList([ProgressCallback(), TensorBoardCallback(), *callbacks])
+        self.stop_requested = False  # set by a callback (request_stop): end after this step
+
+    def request_stop(self):
+        """A callback ends the run after the current step (ending "stopped"); it must decide
+        from values equal on every rank (an evaluation, a collective), or the ranks hang."""
+        self.stop_requested = True
 
     def echo(self, *args, **kwargs):
         """Print on rank 0 only (looked up each time: elastic runs can renumber ranks)."""
@@ -296,6 +302,8 @@ class Engine:
                     self.callbacks.evaluate(self, record)
                     if self.cfg.train.stop_at_target and self.tracker.reached:
                         ending = ending or "target"
+                if ending is None and self.stop_requested:
+                    ending = "stopped"
                 if ending is None and self.stop_after is not None \
                         and self._session_steps >= self.stop_after:
                     ending = "paused"

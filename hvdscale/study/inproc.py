@@ -14,8 +14,9 @@ A run records
 - `diverged` when the training loss turns non-finite or exceeds `DIVERGED_LOSS` (a
   10-class model that has learnt nothing has loss ln 10 = 2.3);
 - the accuracy on the whole test set after a fixed number of epochs (the accuracy budget);
-- optionally the weights and optimizer state at the first evaluation at or above the target
-  (for the frozen-weights noise probe) and an online noise-scale trace.
+- optionally snapshots of the weights and optimizer state every few steps, on both sides of
+  the target (for the frozen-weights noise probe over a window), and an online noise-scale
+  trace.
 """
 import copy
 import math
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hvdscale.core.metrics import interpolated_crossing as crossing
 from hvdscale.core.noise_scale import NoiseScaleEstimator
 
 DIVERGED_LOSS = 10.0
@@ -84,6 +86,8 @@ class RunConfig:
     noise_every: int = 0         # online noise-scale reading every N steps (0 = off)
     noise_ema: float = 0.95
     snapshot_every: int = 0      # keep weights + optimizer state every N steps (0 = never)
+    continue_after_target: float = 0.0   # train on this fraction of the steps to target after
+    #                                      reaching it (snapshots on both sides of the target)
 
 
 @dataclass
@@ -102,15 +106,6 @@ class RunResult:
     @property
     def reached(self):
         return self.status == "reached"
-
-
-def crossing(prev, cur, target):
-    """Step where the accuracy crosses `target` between two evaluations (step, acc) by linear
-    interpolation; the later step when the earlier evaluation is already at the target."""
-    (s0, a0), (s1, a1) = prev, cur
-    if a0 >= target or a1 <= a0:
-        return float(s1)
-    return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
 
 
 def lr_at(step, peak, warmup_steps):
@@ -204,7 +199,9 @@ def train(cfg: RunConfig, data: Data) -> RunResult:
                     result.target_state = _state(done, model, opt)
             prev = cur
         result.steps_run = done
-        finished_target = result.steps_to_target is not None or done >= cfg.max_steps
+        finished_target = done >= cfg.max_steps or (
+            result.steps_to_target is not None
+            and done >= result.steps_to_target * (1 + cfg.continue_after_target))
         if finished_target and cfg.stop_at_target and (fork is not None or not acc_steps):
             break
     if acc_steps and result.accuracy_at_budget is None and fork is not None:

@@ -50,7 +50,8 @@ class StudySettings:
     max_extend: int = 3
     probe_micro: int = 32
     probe_count: int = 64
-    probe_snapshots: int = 8
+    probe_snapshots: int = 8         # snapshots inside the noise window, per seed (about)
+    noise_window: float = 0.25       # B_noise window: +- this fraction of the steps to target
     noise_every: int = 5
     eval_examples: int = 5000
     train_limit: int = None
@@ -217,9 +218,11 @@ class Study:
             steps = []
             first = batch == b_ref
             for seed in s.seeds:
-                extra = dict(keep_target_state=first, noise_every=s.noise_every if first else 0)
-                if first and seed == s.seeds[0]:
-                    extra["snapshot_every"] = max(1, budget // (3 * s.probe_snapshots))
+                extra = dict(noise_every=s.noise_every if first else 0)
+                if first:        # snapshots for the noise window, on both sides of the target
+                    extra["snapshot_every"] = max(
+                        1, int(2 * s.noise_window * need / s.probe_snapshots))
+                    extra["continue_after_target"] = s.noise_window
                 if best_acc == best:     # one run measures both
                     extra["accuracy_epochs"] = s.accuracy_epochs
                 record, res = self._run(setting, batch, best, seed, "measure", budget,
@@ -238,11 +241,13 @@ class Study:
         return out
 
     def _probe(self, setting, out, seed, res):
-        """Frozen-weights probes: at the weights of the target crossing, and (first seed) at the
-        snapshots taken along the run for the noise-over-training plot."""
-        from hvdscale.study.inproc import build
-        from hvdscale.study.probe import probe
-        from hvdscale.study.inproc import RunConfig
+        """Frozen-weights probes at the snapshots within the noise window around this seed's
+        target (B_noise is their median over the seeds), and for the first seed at every
+        snapshot (the noise-over-training plot)."""
+        import torch.nn.functional as F
+
+        from hvdscale.study.inproc import RunConfig, build
+        from hvdscale.study.probe import probe_noise_scale
 
         s = self.s
 
@@ -251,23 +256,26 @@ class Study:
                             seed, 1, 1, s.target)
             model, _ = build(cfg)
             model.load_state_dict(state["model"])
-            return probe(model, self.data.x_train, self.data.y_train, micro=s.probe_micro,
-                         count=s.probe_count, seed=seed, optimizer=setting.optimizer,
-                         optimizer_cfg=setting.optimizer_cfg,
-                         optimizer_state=state.get("optimizer"), replicates=s.bootstrap)
+            return probe_noise_scale(model, F.cross_entropy, self.data.x_train,
+                                     self.data.y_train, micro=s.probe_micro,
+                                     count=s.probe_count, seed=seed)
 
         entry = {"seed": seed, "online_trace": res.online_noise,
-                 "steps_to_target": res.steps_to_target}
-        if res.target_state is not None:
-            p = at(res.target_state)
-            entry["at_target"] = _probe_record(p, res.target_state["step"])
-            entry["_result"] = p
-            online = [b for st, b in res.online_noise if st <= res.target_state["step"]]
-            entry["online_b_simple_at_target"] = online[-1] if online else None
-        trace = []
+                 "steps_to_target": res.steps_to_target, "window": [], "over_training": []}
+        target = res.steps_to_target
         for state in res.snapshots:
-            trace.append(_probe_record(at(state), state["step"]))
-        entry["over_training"] = trace
+            offset = state["step"] / target - 1 if target else None
+            inside = offset is not None and abs(offset) <= s.noise_window
+            if not inside and seed != s.seeds[0]:
+                continue
+            record = _probe_record(at(state), state["step"])
+            if inside:
+                entry["window"].append(dict(record, offset=offset))
+            if seed == s.seeds[0]:
+                entry["over_training"].append(record)
+        if target:
+            online = [b for st, b in res.online_noise if st <= target]
+            entry["online_b_simple_at_target"] = online[-1] if online else None
         out["probes"].append(entry)
 
     def run(self, jobs=1):
@@ -310,17 +318,12 @@ def _run_one_setting(job):
 
 
 def _probe_record(p, step):
-    import numpy as np
+    def finite(v):
+        return v if math.isfinite(v) else None      # JSON has no inf: an unresolved |G|^2
 
-    def ci(boot):
-        if boot is None:
-            return None
-        finite = boot[np.isfinite(boot)]
-        return [float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite) else None
-
-    return {"step": step, "b_simple": p.b_simple, "b_simple_ci": ci(p.boot_simple),
-            "b_layerwise": p.b_layerwise, "b_layerwise_ci": ci(p.boot_layerwise),
-            "per_layer": p.per_layer}
+    return {"step": step, "b_simple": finite(p.b_simple),
+            "b_simple_ci": [finite(p.ci_low), finite(p.ci_high)], "g2": p.g2,
+            "trace": p.trace, "micro": p.micro, "count": p.count}
 
 
 def _best_lr(tried):
