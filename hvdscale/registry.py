@@ -125,8 +125,10 @@ def register_optimizer(info: OptimizerInfo, *, replace: bool = False) -> Optimiz
 
 
 for _name, _description in (
-        ("sgd", "SGD with momentum (optionally Nesterov); the large-batch baseline of Goyal "
-                "et al. 2017"),
+        ("sgd", "SGD with momentum (optionally Nesterov) and L2 weight decay added to the "
+                "gradient; the large-batch baseline of Goyal et al. 2017"),
+        ("sgdw", "SGD with momentum and decoupled weight decay, w <- w (1 - lr wd) before "
+                 "the step (Loshchilov & Hutter 2019; what Keras's SGD weight_decay does)"),
         ("lars", "Layer-wise Adaptive Rate Scaling on SGD with momentum (You et al. 2017)"),
         ("lamb", "Layer-wise Adaptive Moments for Batch training, AdamW-based (You et al. "
                  "2019)"),

@@ -19,7 +19,7 @@ RECIPES = sorted((REPO / "pipelines").glob("*.yaml"))
     ({"batch": {"per_worker": 0}}, "batch.per_worker: must be > 0"),
     ({"batch": {"accumulation": -2}}, "batch.accumulation: must be > 0"),
     ({"optimizer": {"base_lr": -0.1}}, "optimizer.base_lr: must be > 0"),
-    ({"optimizer": {"name": "adam"}}, "optimizer.name: 'adam' is not one of sgd, lars, lamb, adamw"),
+    ({"optimizer": {"name": "adam"}}, "optimizer.name: 'adam' is not one of sgd, sgdw, lars, lamb, adamw"),
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: expected two numbers"),
     ({"optimizer": {"betas": [0.9, 1.0]}}, "optimizer.betas: must be two numbers in [0, 1)"),
     ({"train": {"epochs": 2}, "lr": {"warmup_epochs": 3}}, 

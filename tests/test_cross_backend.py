@@ -122,3 +122,49 @@ def test_schedules_give_identical_sequences_in_both_backends(spec):
     np.testing.assert_array_equal(np.array(torch_lrs), np.array(tf_lrs))
     np.testing.assert_array_equal(np.array(tf_lrs), np.float32([s(t) for t in range(60)]))
     assert len(set(tf_lrs)) > 5
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgdw"])
+def test_sgd_weight_decay_means_the_same_in_both_frameworks(name):
+    """The recipe's `sgd` adds wd*w to the gradient and `sgdw` decays w by (1 - lr wd) in torch
+    and Keras alike: same weights and gradients, same parameters after STEPS steps, and both
+    equal to the rule written out in NumPy (biases excluded from the decay). The learning rate
+    is constant: with a changing one torch (w -= lr (mu b + g)) and Keras (m = mu m - lr g)
+    momentum differ by design (Goyal et al. 2017's "momentum correction")."""
+    lr = 0.05
+    weights, grads = problem(3)
+    hyper = {"momentum": 0.9, "nesterov": False, "weight_decay": 0.05}
+    exclude_1d = [len(s) <= 1 for _, s in SHAPES]
+    # NumPy: Keras/torch momentum SGD with the two decay forms
+    want = [w.astype(np.float64).copy() for w in weights]
+    bufs = [np.zeros_like(w) for w in want]
+    for step, step_grads in enumerate(grads):
+        for i, g in enumerate(step_grads):
+            wd = 0.0 if exclude_1d[i] else hyper["weight_decay"]
+            g = g.astype(np.float64)
+            if name == "sgd":
+                g = g + wd * want[i]
+            else:
+                want[i] *= 1.0 - lr * wd
+            bufs[i] = 0.9 * bufs[i] + g if step else g          # torch's first-step buffer
+            want[i] -= lr * bufs[i]
+
+    from hvdscale.tensorflow.optim import build_optimizer as build_tf
+    from hvdscale.torch.optim import build_optimizer as build_torch
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in weights]
+    opt = build_torch(name, [(n, p) for (n, _), p in zip(SHAPES, params)], lr, hyper)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    got_torch = [p.detach().numpy() for p in params]
+
+    variables = [keras.Variable(w, name=n.replace(".", "_")) for (n, _), w in zip(SHAPES, weights)]
+    k = build_tf(name, lr, hyper)
+    for step_grads in grads:
+        k.apply_gradients(zip([tf.constant(g) for g in step_grads], variables))
+    got_tf = [v.numpy() for v in variables]
+    for a, b, w in zip(got_torch, got_tf, want):
+        scale = np.abs(w).max()
+        assert np.abs(a - w).max() <= 1e-5 * scale
+        assert np.abs(b - w).max() <= 1e-5 * scale

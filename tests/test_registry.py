@@ -62,7 +62,7 @@ def test_native_names_follow_each_ecosystem():
 
 
 def test_unknown_names_list_the_registry():
-    with pytest.raises(ConfigError, match=r"optimizer\.name: 'adagrad' is not one of sgd, "
+    with pytest.raises(ConfigError, match=r"optimizer\.name: 'adagrad' is not one of sgd, sgdw, "
                                           r"lars, lamb, adamw"):
         registry.OPTIMIZERS.get("adagrad")
     with pytest.raises(ConfigError, match=r"model\.name: 'vgg' is not one of cnn, .* or "

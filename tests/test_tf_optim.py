@@ -153,7 +153,7 @@ def test_fused_sgd_follows_keras_sgd_step_for_step(nesterov, graph):
     variables_ours = make_model().trainable_variables
     variables_keras = make_model().trainable_variables
     hyper = dict(learning_rate=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
-    ours = build_optimizer("sgd", 0.1, {"momentum": 0.9, "nesterov": nesterov,
+    ours = build_optimizer("sgdw", 0.1, {"momentum": 0.9, "nesterov": nesterov,
                                         "weight_decay": 0.01})
     reference = keras.optimizers.SGD(**hyper)
     reference.exclude_from_weight_decay(var_list=[v for v in variables_keras if len(v.shape) <= 1])
@@ -183,7 +183,7 @@ def test_cross_entropy_matches_a_float64_reference_with_and_without_smoothing():
         assert abs(float(got) - want) <= 1e-5 * abs(want)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "sgdw", "adamw"])
 def test_keras_sgd_and_adamw_skip_weight_decay_on_excluded_variables(name):
     model = make_model()
     variables = model.trainable_variables
@@ -199,7 +199,7 @@ def test_keras_sgd_and_adamw_skip_weight_decay_on_excluded_variables(name):
 
 
 @pytest.mark.parametrize("call, needle", [
-    (lambda: build_optimizer("adagrad", 0.1, {}), "optimizer.name: 'adagrad' is not one of sgd, lars, lamb, adamw"),
+    (lambda: build_optimizer("adagrad", 0.1, {}), "optimizer.name: 'adagrad' is not one of sgd, sgdw, lars, lamb, adamw"),
     (lambda: build_optimizer("lamb", 0.1, {"exclude": ["(bad"]}), "bad exclude pattern"),
     (lambda: LAMB(beta_2=1.0), "beta_2"),
     (lambda: LARS(momentum=-0.1), "momentum"),

@@ -217,7 +217,7 @@ def test_build_optimizer_for_every_name():
 
 
 @pytest.mark.parametrize("call, needle", [
-    (lambda n: build_optimizer("adagrad", n, 0.1, {}), "optimizer.name: 'adagrad' is not one of sgd, lars, lamb, adamw"),
+    (lambda n: build_optimizer("adagrad", n, 0.1, {}), "optimizer.name: 'adagrad' is not one of sgd, sgdw, lars, lamb, adamw"),
     (lambda n: build_optimizer("lamb", n, 0.1, {"exclude": ["(bad"]}), "bad exclude pattern"),
     (lambda n: build_optimizer("lamb", n.parameters(), 0.1, {"exclude": ["head"]}), "need parameter names"),
     (lambda n: LAMB(n.parameters(), lr=-1.0), "lr must be"),

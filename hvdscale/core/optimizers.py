@@ -78,7 +78,9 @@ OPTIONS: Dict[str, OptionSpec] = {spec.key: spec for spec in (
                lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     OptionSpec("eps", float, "added to the denominator for numerical stability", _positive,
                "must be > 0"),
-    OptionSpec("weight_decay", float, "weight decay (L2 for SGD/LARS/LAMB, decoupled for AdamW)",
+    OptionSpec("weight_decay", float, "weight decay: sgd/lars add wd*w to the gradient (L2), "
+               "lamb to the update before the trust ratio, sgdw/adamw decay w directly "
+               "(decoupled)",
                _non_negative, "must be >= 0"),
     OptionSpec("trust_coefficient", float, "LARS trust coefficient (eta)", _positive,
                "must be > 0"),
@@ -93,6 +95,7 @@ OPTIONS: Dict[str, OptionSpec] = {spec.key: spec for spec in (
 # frameworks' own defaults (e.g. Keras AdamW epsilon 1e-7, weight_decay 0.004) are never used.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "sgd": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
+    "sgdw": {"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
     "lars": {"momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.001, "eps": 1e-8},
     "lamb": {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "bias_correction": True,
              "clamp_value": None, "max_trust_ratio": None},

@@ -23,7 +23,7 @@ def register() -> None:
         collectives="hvdscale.tensorflow.collectives",
         option_names={"betas": ("beta_1", "beta_2"), "eps": ("epsilon",)},
         optimizers={name: f"hvdscale.tensorflow.optim:build_{name}"
-                    for name in ("sgd", "lars", "lamb", "adamw")},
+                    for name in ("sgd", "sgdw", "lars", "lamb", "adamw")},
         models={name: "hvdscale.tensorflow.models:build_from_config"
                 for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp")},
         model_check="hvdscale.tensorflow.models:check_model"))

@@ -243,13 +243,24 @@ class _ExcludingMixin:
 class SGD(_ExcludingMixin, keras.optimizers.SGD):
     """Keras's SGD, its update in TensorFlow's fused kernel: ResourceApplyKerasMomentum is
     Keras's own rule (m = momentum * m - lr * g; w += m, or the Nesterov form) as one op per
-    variable, where Keras writes it as five (two multiplies, a subtract, two assigns)."""
+    variable, where Keras writes it as five (two multiplies, a subtract, two assigns).
+    `weight_decay` is Keras's decoupled decay (recipe `sgdw`); `l2` adds l2 * w to the
+    gradient of every decayed variable, torch.optim.SGD's weight_decay (recipe `sgd`)."""
 
-    def __init__(self, *args, exclude_1d=True, exclude=(), **kwargs):
+    def __init__(self, *args, exclude_1d=True, exclude=(), l2=0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._setup_exclusion(exclude_1d, exclude)
+        self.l2 = float(l2)
+
+    def get_config(self):
+        config = super().get_config()
+        config["l2"] = self.l2
+        return config
 
     def update_step(self, gradient, variable, learning_rate):
+        if self.l2 and isinstance(gradient, tf.Tensor) and self._use_weight_decay(variable):
+            gradient = gradient + tf.cast(self.l2, gradient.dtype) * tf.cast(variable,
+                                                                             gradient.dtype)
         if self.momentum == 0 or not isinstance(gradient, tf.Tensor):
             # plain SGD is one op already; sparse (IndexedSlices) gradients take Keras's path
             return super().update_step(gradient, variable, learning_rate)
@@ -277,13 +288,21 @@ def _getter(cfg):
 
 # --------------------------------------------------------------------------- the builders
 # One per registry entry (hvdscale/registry.py), called with Keras's own keywords; the values
-# are already resolved and checked against hvdscale.core.optimizers. sgd/adamw use Keras's
-# decoupled weight decay.
+# are already resolved and checked against hvdscale.core.optimizers. sgd adds L2 to the
+# gradient (as torch does); sgdw and adamw use Keras's decoupled weight decay.
 
 
 
 def build_sgd(*, learning_rate: LearningRate, momentum: float, nesterov: bool,
               weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> "SGD":
+    """L2 added to the gradient, as torch.optim.SGD does (the recipe's `sgd` is one rule)."""
+    return SGD(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+               l2=weight_decay, exclude_1d=exclude_1d, exclude=exclude)
+
+
+def build_sgdw(*, learning_rate: LearningRate, momentum: float, nesterov: bool,
+               weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> "SGD":
+    """Keras's decoupled weight decay."""
     return SGD(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
                weight_decay=weight_decay or None, exclude_1d=exclude_1d, exclude=exclude)
 
@@ -314,7 +333,7 @@ def build_lamb(*, learning_rate: LearningRate, beta_1: float, beta_2: float, eps
 
 def build_optimizer(name: str, learning_rate: LearningRate,
                     cfg_optimizer: Any = None) -> "keras.optimizers.Optimizer":
-    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, lars, lamb, adamw,
+    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, sgdw, lars, lamb, adamw,
     or one you registered) as a Keras optimizer; `learning_rate` is a float or a keras
     LearningRateSchedule (e.g. hvdscale.tensorflow.schedule.CoreSchedule). Options come from
     `cfg_optimizer` (the recipe's optimizer section, a dict or an object, recipe keys); unset

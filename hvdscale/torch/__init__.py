@@ -22,7 +22,7 @@ def register() -> None:
         trainer="hvdscale.torch.trainer:TorchTrainer", display="torch", lr_name="lr", module="torch",
         horovod="horovod.torch", collectives="hvdscale.torch.collectives",
         optimizers={name: f"hvdscale.torch.optim:build_{name}"
-                    for name in ("sgd", "lars", "lamb", "adamw")},
+                    for name in ("sgd", "sgdw", "lars", "lamb", "adamw")},
         models={name: "hvdscale.torch.models:build_from_config"
                 for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp")},
         model_check="hvdscale.torch.models:check_model",

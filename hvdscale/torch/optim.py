@@ -312,6 +312,33 @@ def _named_parameters(model):
     return [(n, p) for n, p in named if p.requires_grad]
 
 
+class SGDW(torch.optim.SGD):
+    """SGD with momentum and decoupled weight decay: each step first shrinks the decayed
+    parameters by (1 - lr * weight_decay), then takes torch's SGD step without L2 -- Keras's
+    SGD(weight_decay=...) rule (Loshchilov & Hutter 2019). A group's `weight_decay` is the
+    decoupled rate (torch.optim.SGD itself only ever sees 0)."""
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay)
+
+    def add_param_group(self, param_group):
+        # every group (also those torch's __init__ adds) moves its rate to the decoupled key
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["decoupled_weight_decay"], group["weight_decay"] = group["weight_decay"], 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            rate = group["decoupled_weight_decay"] * group["lr"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if rate and params:
+                torch._foreach_mul_(params, 1.0 - rate)
+        return super().step(closure)
+
+
 def split_for_weight_decay(named_params: Sequence[Tuple[Optional[str], torch.Tensor]],
                            weight_decay: float, exclude_1d: bool = True,
                            exclude: Sequence[str] = ()) -> List[dict]:
@@ -343,6 +370,12 @@ def build_sgd(named: NamedParams, *, lr: float, momentum: float, nesterov: bool,
                            lr=lr, momentum=momentum, nesterov=nesterov)
 
 
+def build_sgdw(named: NamedParams, *, lr: float, momentum: float, nesterov: bool,
+               weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> "SGDW":
+    return SGDW(split_for_weight_decay(named, weight_decay, exclude_1d, exclude),
+                lr=lr, momentum=momentum, nesterov=nesterov)
+
+
 def build_adamw(named: NamedParams, *, lr: float, betas: Tuple[float, float], eps: float,
                 weight_decay: float, exclude_1d: bool, exclude: Sequence[str]) -> torch.optim.AdamW:
     return torch.optim.AdamW(split_for_weight_decay(named, weight_decay, exclude_1d, exclude),
@@ -368,7 +401,7 @@ def build_lamb(named: NamedParams, *, lr: float, betas: Tuple[float, float], eps
 
 
 def build_optimizer(name: str, model: Any, lr: float, cfg_optimizer: Any = None) -> Optimizer:
-    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, lars, lamb, adamw,
+    """The registered optimizer `name` (hvdscale.registry.OPTIMIZERS: sgd, sgdw, lars, lamb, adamw,
     or one you registered) for `model` (a module, named_parameters() or parameters()) at
     learning rate `lr`. Options come from `cfg_optimizer` (the recipe's optimizer section, a
     dict or an object, recipe keys); unset ones take hvdscale.core.optimizers' defaults, and
