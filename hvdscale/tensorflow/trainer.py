@@ -431,32 +431,16 @@ class TensorFlowTrainer:
     # ------------------------------------------------------------------ elastic (engine)
     def elastic_state(self, **fields):
         """A Horovod elastic State over the Keras 3 model and optimizer variables, carrying
-        `fields` as synchronised attributes (hvdscale/engine/elastic.py). Horovod's own
-        TensorFlowKerasState does not work with Keras 3: it calls `optimizer.variables()`
-        (a list property in Keras 3) and broadcasts with hvd.broadcast_variables, which
-        wants tf.Variables rather than Keras 3's wrappers."""
-        return _keras_state_class()(self, **fields)
+        `fields` as synchronised attributes (hvdscale/engine/elastic.py): the drop-in's
+        KerasState (hvdscale.tensorflow.keras.elastic), one implementation for both."""
+        from hvdscale.tensorflow.keras.elastic import KerasState
+        return KerasState(self.model, self.optimizer, **fields)
 
     def elastic_run(self, fn):
-        """hvd.elastic.run for this trainer: Horovod's TF wrapper recognises only some op
-        names in TensorFlow errors (not HorovodGroupedAllreduce, which the steps use), so
-        any TensorFlow error raised by a Horovod op counts as a lost peer here."""
-        from horovod.common.elastic import run_fn
-        from horovod.common.exceptions import HorovodInternalError
-        hvd = self.comm.hvd
-
-        def wrapper(state, *args, **kwargs):
-            try:
-                return fn(state, *args, **kwargs)
-            except tf.errors.OpError as err:
-                if "Horovod" not in str(err.message):
-                    raise
-                raise HorovodInternalError(err) from None
-
-        def reset():
-            hvd.shutdown()
-            hvd.init()
-        return run_fn(wrapper, reset)
+        """hvd.elastic.run for this trainer, with the drop-in's wider net for Horovod's
+        TensorFlow errors (hvdscale.tensorflow.keras.elastic.run)."""
+        from hvdscale.tensorflow.keras.elastic import run
+        return run(fn)
 
     def set_accumulation(self, passes):
         """Micro-batches per optimizer step after the world changed (elastic.policy
@@ -469,42 +453,3 @@ class TensorFlowTrainer:
                                   for v in self.variables]
             self._acc_loss = tf.Variable(0.0, dtype=tf.float64, trainable=False)
             self._acc_n = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-
-
-def _keras_state_class():
-    """KerasState, built on first use so that importing this module needs no Horovod."""
-    from horovod.common.elastic import ObjectState
-
-    class KerasState(ObjectState):
-        """Model and optimizer variables kept as a host copy at each commit (save), put back
-        after a lost peer (restore) and sent from rank 0 to every rank, newcomers included
-        (sync); other keyword fields are plain synchronised attributes."""
-
-        def __init__(self, trainer, **fields):
-            self._trainer = trainer
-            self._saved_values = None
-            self._save_variables()
-            hvd = trainer.comm.hvd
-            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **fields)
-
-        def _variables(self):
-            t = self._trainer
-            return list(t.model.variables) + list(t.optimizer.variables)
-
-        def _save_variables(self):
-            self._saved_values = [np.array(v.numpy(), copy=True) for v in self._variables()]
-
-        def save(self):
-            self._save_variables()
-            super().save()
-
-        def restore(self):
-            for var, value in zip(self._variables(), self._saved_values):
-                var.assign(value)
-            super().restore()
-
-        def sync(self):
-            broadcast_from_root(self._trainer.comm.hvd, self._variables())
-            super().sync()
-
-    return KerasState
