@@ -46,7 +46,6 @@ class NumpyTrainer:
             raise ConfigError("framework numpy runs one process (it has no Horovod)")
         self._model_fn = model_fn
         self.model = self.optimizer = None
-        self.lrs_applied = []        # the LR of every step of this session (tests read it)
         self._new_stats()
 
     # ------------------------------------------------------------------ build
@@ -97,7 +96,6 @@ class NumpyTrainer:
             bad = not (loss_ok and all(np.isfinite(g).all() for g in grads.values()))
         if not (bad and self.nonfinite == "skip"):       # skip: the update is dropped
             self.optimizer.step(model.params, grads, lr)
-        self.lrs_applied.append(float(lr))
         if loss_ok:
             self._loss_sum += step_loss
             self._examples += n
