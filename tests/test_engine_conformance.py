@@ -280,3 +280,25 @@ def test_synthetic_data_kind_runs_through_the_same_path(tmp_path):
     records, (summary,) = read_log(out)
     assert [r["step"] for r in records] == [8] and records[0]["test_examples"] == 64
     assert summary["steps_to_target"] is None
+
+
+def test_resume_refuses_a_foreign_or_pickled_checkpoint_in_one_line(tmp_path, baseline):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    for path in (baseline / "checkpoints").iterdir():
+        (out / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    newest = out / "checkpoints" / "step-00000032.npz"
+    state = params(newest)
+    state["param/out.bias"] = np.array([{"run": "me"}], dtype=object)   # pickled on save
+    np.savez(newest, **state)
+    foreign = with_changes(framework="numpy_forgetful",
+                           plugins=["hvdscale_numpy", "hvdscale_numpy.forgetful"])
+    codes, err = run_sessions(tmp_path, [["--out", str(out), "--resume"]], foreign)
+    assert codes == [2]
+    assert "error: --resume: checkpoint step 32 was written by numpy, this run is " \
+           "numpy_forgetful" in err, err[-2000:]
+    codes, err = run_sessions(tmp_path, [["--out", str(out), "--resume"]])
+    assert codes == [2]
+    line = next(l for l in err.splitlines() if "error:" in l)
+    assert "--resume:" in line and "step-00000032.npz" in line and "pickle" in line, err[-2000:]
+    assert "Traceback" not in err
