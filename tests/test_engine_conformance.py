@@ -105,11 +105,15 @@ def checkpoint_steps(out):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    """One uninterrupted run of RECIPE, shared by the tests that only read it."""
+    """One uninterrupted run of RECIPE, shared by the tests that only read it; with the
+    built-in progress bar and TensorBoard callbacks on (the framework-import check covers
+    them too)."""
     tmp = tmp_path_factory.mktemp("baseline")
     out = tmp / "out"
-    codes, err = run_sessions(tmp, [["--out", str(out)]])
+    codes, err = run_sessions(tmp, [["--out", str(out)]],
+                              with_changes(log={"tensorboard": True, "progress": True}))
     assert codes == [0], err[-3000:]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     return out
 
 
