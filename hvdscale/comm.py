@@ -219,6 +219,9 @@ def init_comm(framework, horovod=True):
     """
     if framework not in ("torch", "tensorflow"):
         raise ConfigError(f"framework {framework!r} is not one of torch, tensorflow")
+    if framework == "tensorflow":     # first import here: without its start-up chatter
+        from hvdscale.tensorflow.quiet import import_tensorflow
+        import_tensorflow()
     if not horovod:
         return Comm(framework)
     try:
