@@ -70,6 +70,17 @@ def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
     return records
 
 
+def replayed_steps_dropped(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A run resumed from a checkpoint older than its last lines logs those steps again: keep
+    the later (resumed) history, so every curve moves forward in steps."""
+    kept: List[Dict[str, Any]] = []
+    for record in records:
+        while kept and kept[-1]["step"] >= record["step"]:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
 def load_run(path) -> Run:
     """One run directory, checked: a DataError names the first problem."""
     path = Path(path)
@@ -80,12 +91,14 @@ def load_run(path) -> Run:
         raise DataError(f"{path}: no {METRICS_FILE} in it (not a training run's output "
                         f"directory?)")
     records = _read_jsonl(metrics)
-    evaluations = [r for r in records if "event" not in r and "test_accuracy" in r]
+    evaluations = replayed_steps_dropped(
+        [r for r in records if "event" not in r and "test_accuracy" in r])
     if not evaluations:
         raise DataError(f"{metrics}: no evaluation records (the run stopped before its "
                         f"first evaluation?)")
     summaries = [r for r in records if r.get("event") == "summary"]
-    steps = _read_jsonl(path / STEPS_FILE) if (path / STEPS_FILE).is_file() else []
+    steps = replayed_steps_dropped(_read_jsonl(path / STEPS_FILE)) \
+        if (path / STEPS_FILE).is_file() else []
     recipe = None
     if (path / RECIPE_FILE).is_file():
         try:
@@ -433,9 +446,9 @@ def render_page(runs: Sequence[Run], figures, title: str) -> str:
     figs = []
     for name, fig_title, caption, png in figures:
         data = base64.b64encode(png).decode()
-        figs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(fig_title)}"'
-                    f' data-file="{name}"><figcaption>{html.escape(caption)}</figcaption>'
-                    f"</figure>")
+        figs.append(f'<figure><img src="data:image/png;base64,{data}" '
+                    f'alt="{html.escape(fig_title)}" data-file="{name}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -178,6 +178,16 @@ def test_screenshot_is_not_blank(report, tmp_path):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 100
 
 
+def test_steps_logged_again_after_a_resume_keep_the_resumed_history():
+    from hvdscale.report import replayed_steps_dropped
+    # checkpoint at 8, lines up to 16, killed; resumed from 8: 12 and 16 again, then 20
+    logged = [{"step": s, "session": 1} for s in (4, 8, 12, 16)] + \
+             [{"step": s, "session": 2} for s in (12, 16, 20)]
+    kept = replayed_steps_dropped(logged)
+    assert [(r["step"], r["session"]) for r in kept] == [(4, 1), (8, 1), (12, 2), (16, 2),
+                                                         (20, 2)]
+
+
 # ------------------------------------------------------------------ bad input
 def refused(capsys, *args):
     rc = main(["report", *map(str, args)])
