@@ -245,7 +245,7 @@ def _figures(runs: Sequence[Run]) -> List[tuple]:
         return [v / 60 for v in values] if minutes else list(values)
 
     def draw(name, title, caption, ylabel, xlabel, series, target_line=False):
-        fig = Figure(figsize=(6.4, 3.9), dpi=100)
+        fig = Figure(figsize=(6.4, 3.9), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         drawn = False
@@ -377,7 +377,7 @@ td.run, th.run { text-align: left; }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
           margin-right: 6px; vertical-align: -1px; }
 .note { color: #666; font-size: 13px; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(600px, 1fr));
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr));
         gap: 18px; }
 figure { margin: 0; border: 1px solid #e5e7eb; border-radius: 6px; padding: 8px; }
 figure img { width: 100%; height: auto; display: block; }

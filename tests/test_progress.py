@@ -75,9 +75,11 @@ def test_tensorflow_chatter_is_recognised_and_warnings_are_not():
 
 def test_tensorflow_imports_without_start_up_chatter():
     """In a fresh process without TF_CPP_MIN_LOG_LEVEL: nothing of TensorFlow's start-up
-    lines reaches stderr, and what the process writes to stderr afterwards does."""
-    code = ("import sys; from hvdscale.tensorflow.quiet import import_tensorflow; "
-            "tf = import_tensorflow(); print('after', file=sys.stderr); print(tf.__version__)")
+    lines (nor, without an NVIDIA driver, its failed CUDA probe) reaches stderr, and what the
+    process writes to stderr afterwards does."""
+    code = ("import sys; from hvdscale.tensorflow.quiet import import_tensorflow, list_gpus; "
+            "tf = import_tensorflow(); list_gpus(); print('after', file=sys.stderr); "
+            "print(tf.__version__)")
     env = job_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
