@@ -13,7 +13,7 @@ from conftest import REPO, job_env, tool
 from hvdscale.engine.reporting import ProgressLines
 from hvdscale.tensorflow.quiet import is_chatter
 
-PROGRESS = re.compile(r"step (\d+)/(\d+) \((\d+)%\)  epoch ([\d.]+)  loss ([\d.]+)  lr (\S+)  "
+PROGRESS = re.compile(r"step (\d+)/(\d+) \((\d+)%\)  epoch ([\d.]+)(?:  loss ([\d.]+))?  lr (\S+)  "
                       r"([\d,]+) img/s  elapsed (\d+:\d\d)  ETA (\d+:\d\d)")
 
 
@@ -114,6 +114,9 @@ def test_progress_under_horovodrun_is_a_few_plain_lines_from_rank_0(tmp_path):
     assert steps == list(range(6, 64, 6)), text[-3000:]
     assert all(line.startswith("[0]<stderr>:") for line in progress)
     assert all(PROGRESS.search(line).group(2) == "64" for line in progress)
+    # the loss is known from the first statistics read (log.every_steps = 20) on
+    assert [PROGRESS.search(line).group(5) is not None for line in progress] == \
+        [step >= 20 for step in steps]
     evaluations = [line for line in lines if "test accuracy" in line]
     assert len(evaluations) == 2 and all(e.startswith("[0]<stderr>:") for e in evaluations)
     assert len(lines) <= len(progress) + len(evaluations) + 5, text
