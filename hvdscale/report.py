@@ -234,6 +234,7 @@ def _figures(runs: Sequence[Run]) -> List[tuple]:
     # a Figure with the Agg canvas: no display, and pyplot's global state is left alone
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     colors = _colors()
     targets = {t for t in (_target(r) for r in runs) if t is not None}
@@ -244,7 +245,7 @@ def _figures(runs: Sequence[Run]) -> List[tuple]:
     def seconds(values):
         return [v / 60 for v in values] if minutes else list(values)
 
-    def draw(name, title, caption, ylabel, xlabel, series, target_line=False):
+    def draw(name, title, caption, ylabel, xlabel, series, target_line=False, eng_x=False):
         fig = Figure(figsize=(6.4, 3.9), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.subplots()
@@ -263,6 +264,8 @@ def _figures(runs: Sequence[Run]) -> List[tuple]:
                 ax.annotate(f"target {t:g}", xy=(1, t), xycoords=("axes fraction", "data"),
                             xytext=(-4, 3), textcoords="offset points", ha="right",
                             fontsize=8, color="0.35")
+        if eng_x:                          # 250k, 1M rather than 250000, 1e6
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_title(title, fontsize=11)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -310,7 +313,7 @@ def _figures(runs: Sequence[Run]) -> List[tuple]:
         draw("accuracy_examples.png", "Test accuracy against examples seen",
              "Training examples over all workers.", "test accuracy", "examples seen",
              lambda r: (_examples(r.evaluations), [e["test_accuracy"] for e in r.evaluations]),
-             target_line=True),
+             target_line=True, eng_x=True),
         draw("train_loss.png", "Training loss",
              "Mean over all workers' examples since the previous point (log.every_steps).",
              "training loss", "epochs", curve("loss", fallback="train_loss")),
@@ -418,7 +421,10 @@ def render_page(runs: Sequence[Run], figures, title: str) -> str:
         cells = [f'<td class="run"><span class="swatch" style="background:{color}"></span>'
                  f'{html.escape(run.label)}</td>']
         for _, key, kind, _ in TABLE_COLUMNS:
-            cells.append(f'<td data-key="{key}">{_fmt(numbers.get(key), kind)}</td>')
+            text = _fmt(numbers.get(key), kind)
+            if key == "time_to_target_s" and numbers.get(key) is None and numbers["target"]:
+                text = "not reached"
+            cells.append(f'<td data-key="{key}">{text}</td>')
         rows.append(f'<tr data-run="{html.escape(str(run.path))}">' + "".join(cells) + "</tr>")
     heads = ['<th class="run">run</th>'] + [
         f'<th title="{html.escape(tip)}">{name}</th>' if tip else f"<th>{name}</th>"

@@ -18,4 +18,4 @@ for fw in torch tensorflow; do
 done
 echo "==> hvdscale report ${runs[*]}"
 "$BIN/hvdscale" report "${runs[@]}" --out "runs/demo-report-np$NP"
-echo "open it in a browser (a local file, no server needed)"
+echo "(a local file: open it in a browser, no server needed)"

@@ -16,5 +16,5 @@ def add_arguments(parser):
 def run(args):
     from hvdscale.report import write_report
     page = write_report(args.runs, args.out, any_recipe=args.any_recipe, title=args.title)
-    print(f"report: {page}")
+    print(f"report: {page.resolve()}")
     return 0
