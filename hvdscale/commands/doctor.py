@@ -144,8 +144,18 @@ def _cpu():
             "native_bf16": [f for f in NATIVE_BF16_FLAGS if f in flags] if flags else None}
 
 
+def _quiet_tensorflow():
+    """Import TensorFlow without its C++ start-up lines; a failure is _version's to report."""
+    try:
+        from hvdscale.tensorflow.quiet import import_tensorflow
+        import_tensorflow()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def collect():
     report = {"python": platform.python_version(), "platform": platform.platform()}
+    _quiet_tensorflow()
     report["cpu"] = _cpu()
     problems = {}
     for key, module in (("torch", "torch"), ("tensorflow", "tensorflow"), ("horovod", "horovod"),
