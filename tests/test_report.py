@@ -35,11 +35,11 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two real one-process torch runs of the default recipe differing in the batch; run A
-    writes its own report at the end (log.report: true)."""
+    writes its own report at the end (log.report: true) and knows its tau_ref."""
     base = tmp_path_factory.mktemp("runs")
     a, b = base / "batch64", base / "batch32"
     assert main(["train", "--no-horovod", *SMALL, "--set", "batch.per_worker=64",
-                 "--set", "log.report=true", "--out", str(a)]) == 0
+                 "--set", "log.report=true", "--tau-ref", "3000", "--out", str(a)]) == 0
     assert main(["train", "--no-horovod", *SMALL, "--set", "batch.per_worker=32",
                  "--out", str(b)]) == 0
     return a, b
@@ -163,6 +163,9 @@ def test_page_renders_in_headless_chromium_with_both_runs_numbers(report, runs, 
         assert row["global_batch"] == str(summary["global_batch"])
         assert row["workers"] == "1" and row["framework"] == "torch"
         assert row["images_per_sec"] == f"{summary['images_per_sec']:,.0f}"
+        efficiency = summary["scaling_efficiency"]       # run A only: it has a tau_ref
+        assert (efficiency is not None) == (run == runs[0])
+        assert row["scaling_efficiency"] == (f"{efficiency:.3f}" if efficiency else "\u2013")
         steps_to_target = summary["steps_to_target"]
         assert row["steps_to_target"] == (str(steps_to_target) if steps_to_target else "\u2013")
 
@@ -186,6 +189,18 @@ def test_steps_logged_again_after_a_resume_keep_the_resumed_history():
     kept = replayed_steps_dropped(logged)
     assert [(r["step"], r["session"]) for r in kept] == [(4, 1), (8, 1), (12, 2), (16, 2),
                                                          (20, 2)]
+
+
+def test_a_resumed_run_continues_its_steps_file(tmp_path):
+    """Paused after 12 steps (checkpoint at 12), resumed to the end: one history 4..32."""
+    out = tmp_path / "run"
+    args = ["train", "--no-horovod", *SMALL, "--set", "batch.per_worker=64", "--out", str(out)]
+    assert main([*args, "--stop-after-steps", "12"]) == 0
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == [4, 8, 12]
+    assert main([*args, "--resume"]) == 0
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [s["step"] for s in steps] == list(range(4, 33, 4))
+    assert all(np.isfinite(s["loss"]) for s in steps)
 
 
 # ------------------------------------------------------------------ bad input
