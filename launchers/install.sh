@@ -67,8 +67,9 @@ step "system packages" "apt: build-essential cmake patch libopenmpi-dev openmpi-
 APT_PKGS=(build-essential cmake patch libopenmpi-dev openmpi-bin dataset-fashion-mnist
           shellcheck iproute2 openssh-server openssh-client procps)
 # for the tests only (without them those tests skip, saying why): chromium renders
-# `hvdscale report`'s page headless
+# `hvdscale report`'s page headless. HVDSCALE_TEST_PACKAGES=0 leaves them out (the image).
 TEST_APT_PKGS=(chromium)
+if [ "${HVDSCALE_TEST_PACKAGES:-1}" = 0 ]; then TEST_APT_PKGS=(); fi
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${APT_PKGS[@]}"; do installed "$p" || missing+=("$p"); done
