@@ -48,8 +48,13 @@ def _forward(read_fd: int, write_fd: int, drop) -> None:
 def stderr_filtered(drop):
     """Route file descriptor 2 (where C++ libraries write) through `drop(line) -> bool`
     while the block runs; kept lines go out at once."""
-    sys.stderr.flush()
-    real = os.dup(2)
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:               # no stderr at all (a daemon): nothing to filter
+        yield
+        return
     read_fd, write_fd = os.pipe()
     reader = threading.Thread(target=_forward, args=(read_fd, real, drop), daemon=True)
     reader.start()
@@ -58,7 +63,8 @@ def stderr_filtered(drop):
     try:
         yield
     finally:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         os.dup2(real, 2)          # closes the pipe's last write end: the reader drains, ends
         reader.join(timeout=10)
         os.close(real)
