@@ -58,7 +58,7 @@ COPY hvdscale/__init__.py hvdscale/
 # hadolint ignore=SC2086
 RUN --mount=type=cache,id=hvdscale-wheels,target=/root/.cache/hvdscale \
     --mount=type=cache,id=hvdscale-pip,target=/root/.cache/pip \
-    HVDSCALE_CACHE=/root/.cache/hvdscale \
+    HVDSCALE_CACHE=/root/.cache/hvdscale HVDSCALE_TEST_PACKAGES=0 \
     bash launchers/install.sh ${HVDSCALE_INSTALL_FLAGS} --cuda-arch "${CUDA_ARCH}" \
  && mkdir -p /opt/wheel-cache \
  && cp -r /root/.cache/hvdscale/. /opt/wheel-cache/

@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": "find the critical batch size by a batch-size sweep",
     "data": "make or check image-folder data sets",
     "launch": "build and run the horovodrun / mpirun / srun command for a layout",
+    "report": "an HTML page with plots comparing runs on time to accuracy",
 }
 
 

@@ -219,8 +219,10 @@ def init_comm(framework, horovod=True):
     horovod=True and check `size`.
     """
     import importlib
-    from hvdscale.registry import BACKENDS
+    from hvdscale.registry import BACKENDS, resolve
     info = BACKENDS.get(framework)         # ConfigError naming the registered ones
+    if info.load is not None:             # the framework's first import, its own way
+        resolve(info.load)()
     if not horovod or info.horovod is None:
         return Comm(framework)
     try:

@@ -207,8 +207,16 @@ class NoiseScaleConfig:
 class LogConfig:
     tensorboard: bool = _spec(True, bool)
     progress: bool = _spec(True, bool)
-    # the step statistics (loss, non-finite count) are read from the device this often
+    # the step statistics (loss, non-finite count) are read from the device this often, and
+    # a line of training curves (loss, lr, img/s) goes to OUT/steps.jsonl
     every_steps: int = _spec(20, int, check=_positive, why="must be > 0")
+    # where stderr is not a terminal (horovodrun, mpirun, srun, a batch log) the progress is
+    # one plain line whenever this many seconds or this share of the run have passed
+    progress_every_s: float = _spec(60.0, float, check=_positive, why="must be > 0")
+    progress_every_percent: float = _spec(5.0, float, check=lambda v: 0 < v <= 100,
+                                          why="must be in (0, 100]")
+    # write the run's HTML report with plots to OUT/report at the end (hvdscale report)
+    report: bool = _spec(False, bool)
 
 
 PLUGINS_KEY = "plugins"   # modules imported before validation; they register their entries

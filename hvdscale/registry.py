@@ -378,6 +378,8 @@ class BackendInfo:
     trainer(cfg, comm, threads, model_fn=None) -> the engine's Backend
         (hvdscale/engine/backend.py);
     module: the framework's own Python module (`hvdscale doctor` reports its version);
+    load: how to import the framework the first time (TensorFlow: without its C++ start-up
+        chatter), called before Horovod's module is imported;
     horovod: Horovod's module for the framework ("horovod.torch"), None = no Horovod;
     collectives: a module with host_allreduce(hvd, array, op, name) -> ndarray and
         host_allreduce_async(hvd, array, op, name) -> fetch() | None, what hvdscale.comm
@@ -395,6 +397,7 @@ class BackendInfo:
     display: str
     lr_name: str
     module: str = ""
+    load: Optional[Builder] = None
     horovod: Optional[str] = None
     collectives: Optional[str] = None
     option_names: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)

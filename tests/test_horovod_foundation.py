@@ -92,6 +92,10 @@ def test_doctor_reports_a_ready_node():
     assert report["horovod_build"]["torch"] and report["horovod_build"]["tensorflow"]
     # what plain horovodrun runs when both are built (its own rule: MPI first)
     assert report["launch_controller"] == "mpi"
+    assert report["cpu"]["cores"] >= 1 and isinstance(report["cpu"]["native_bf16"], list)
+    # TensorFlow's C++ start-up lines are filtered (hvdscale/tensorflow/quiet.py)
+    assert "absl::InitializeLog" not in proc.stderr and "cuda drivers" not in proc.stderr, \
+        proc.stderr
 
 
 def test_doctor_verdict_fails_when_a_requirement_is_missing():

@@ -137,8 +137,28 @@ def _horovod_waits_without_polling():
     return any(b"HOROVOD_IDLE_CYCLE_TIME" in p.read_bytes() for p in libs)
 
 
+def _cpu():
+    """The CPU and whether it computes bf16 natively (else train.precision=bf16 is emulated
+    and slow; hvdscale/hardware.py)."""
+    from hvdscale.hardware import NATIVE_BF16_FLAGS, cpu_count, cpu_flags, cpu_model
+    flags = cpu_flags()
+    return {"model": cpu_model(), "cores": cpu_count(),
+            "native_bf16": [f for f in NATIVE_BF16_FLAGS if f in flags] if flags else None}
+
+
+def _quiet_tensorflow():
+    """Import TensorFlow without its C++ start-up lines; a failure is _version's to report."""
+    try:
+        from hvdscale.tensorflow.quiet import import_tensorflow
+        import_tensorflow()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def collect():
     report = {"python": platform.python_version(), "platform": platform.platform()}
+    _quiet_tensorflow()
+    report["cpu"] = _cpu()
     problems = {}
     for key, module in (*((b.name, b.module) for b in BACKENDS if b.module),
                         ("horovod", "horovod"), ("dali", "nvidia.dali"), ("mpi4py", "mpi4py"),
@@ -205,6 +225,14 @@ def run(args):
             print(f"{'launch':<{width}} horovodrun runs {default} by default"
                   + (f" (--controller {other} for {other})" if build.get(other) else ""))
         print(f"{'tensor ops':<{width}} {marks(['nccl', 'mpi', 'gloo', 'ddl', 'ccl'])}")
+    cpu = report["cpu"]
+    bf16 = cpu["native_bf16"]
+    print(f"{'cpu':<{width}} {cpu['model'] or 'unknown'} ({cpu['cores']} cores)")
+    print(f"{'cpu bf16':<{width}} " + (
+        "unknown (no CPU flags in /proc/cpuinfo)" if bf16 is None else
+        f"native ({', '.join(bf16)})" if bf16 else
+        "emulated (no AVX512_BF16 or AMX): train.precision=bf16 is much slower than fp32 "
+        "on this CPU"))
     print(f"{'gpus':<{width}} {', '.join(report['gpus']) if report['gpus'] else 'none seen'}")
     settings = report["horovod_settings"]
     print(f"{'hvd cycle':<{width}} {settings['HOROVOD_CYCLE_TIME']}")

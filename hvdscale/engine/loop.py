@@ -29,7 +29,10 @@ from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.preemption import PreemptionWatch
 from hvdscale.engine.callbacks import CallbackList
 from hvdscale.engine.tensorboard import TensorBoardCallback
-from hvdscale.engine.reporting import MetricsLog, NullLog, ProgressCallback, summary_table
+from hvdscale.engine.advice import SlowSettingsCallback
+from hvdscale.engine.curves import StepCurvesCallback
+from hvdscale.engine.reporting import (MetricsLog, NullLog, ProgressCallback, ReportCallback,
+                                      summary_table)
 from hvdscale.errors import ConfigError
 from hvdscale.registry import OPTIMIZERS
 
@@ -69,7 +72,7 @@ class Engine:
         """elastic: run as a mode of Horovod's elastic API (hvdscale/engine/elastic.py);
         sources(cfg, rank, size) -> (train, eval) then rebuilds the data for each new world.
         callbacks: more hvdscale.engine.callbacks.Callback objects, called after the built-in
-        ones (progress, TensorBoard)."""
+        ones (slow-setting warnings, progress, TensorBoard, training curves, report)."""
         self.cfg, self.comm, self.backend = cfg, comm, backend
         self.batches, self.eval_source = train_source, eval_source
         self.elastic, self.sources = elastic, sources
@@ -115,7 +118,9 @@ class Engine:
         self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
-        self.callbacks = CallbackList([ProgressCallback(), TensorBoardCallback(), *callbacks])
+        self.callbacks = CallbackList([SlowSettingsCallback(), ProgressCallback(),
+                                       TensorBoardCallback(), StepCurvesCallback(),
+                                       ReportCallback(), *callbacks])
         self.stop_requested = False  # set by a callback (request_stop): end after this step
 
     def request_stop(self):

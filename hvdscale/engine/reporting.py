@@ -3,6 +3,7 @@ summary table. Everything here is active on rank 0 only; other ranks get silent 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -46,7 +47,7 @@ class NullLog:
 class Progress:
     """A tqdm bar over the training steps, or nothing when disabled or tqdm is missing."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
         self._bar = None
         if enabled:
             try:
@@ -54,7 +55,7 @@ class Progress:
             except ImportError:
                 return
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                             file=sys.stderr, leave=False)
+                             file=stream or sys.stderr, leave=False)
 
     def update(self, loss: Optional[float], lr: float) -> None:
         if self._bar is not None:
@@ -72,32 +73,135 @@ class Progress:
             self._bar.close()
 
 
-class ProgressCallback(Callback):
-    """The progress bar as a loop callback (rank 0, `log.progress`): one update per step, the
-    mean loss of the last statistics read, a line per evaluation."""
+def _clock(seconds: float) -> str:
+    """H:MM:SS (or M:SS under an hour) for elapsed time and ETA."""
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    def __init__(self):
-        self._bar, self._loss = None, None
+
+class ProgressLines:
+    """Progress for a log file: one plain line whenever `every_s` seconds or `every_percent`
+    of the run have passed since the last one. Under horovodrun, mpirun or srun every write
+    to a rank's stderr becomes a line of the job's log, so a redrawn bar would add hundreds."""
+
+    def __init__(self, stream, total: int, initial: int, every_s: float, every_percent: float,
+                 clock=time.monotonic):
+        self.stream, self.total, self.clock = stream, total, clock
+        self.every_s, self.every_steps = every_s, max(1, int(total * every_percent / 100))
+        self._start_step, self._start_time = initial, clock()
+        self._last_step, self._last_time = initial, self._start_time
+        self._last_timed = (0, 0.0)     # (timed steps, timed seconds) at the last line
+
+    def due(self, step: int) -> bool:
+        return (step - self._last_step >= self.every_steps or
+                self.clock() - self._last_time >= self.every_s)
+
+    def line(self, step: int, epoch: float, loss: Optional[float], lr: float,
+             images_per_sec: Optional[float]) -> str:
+        now = self.clock()
+        elapsed = now - self._start_time
+        done = step - self._start_step
+        eta = (self.total - step) * elapsed / done if done > 0 else None
+        parts = [f"step {step}/{self.total} ({100 * step / self.total:.0f}%)",
+                 f"epoch {epoch:.2f}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        parts.append(f"lr {lr:.3g}")
+        if images_per_sec is not None:
+            parts.append(f"{images_per_sec:,.0f} img/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        parts.append(f"ETA {_clock(eta)}" if eta is not None else "ETA -")
+        self._last_step, self._last_time = step, now
+        return "  ".join(parts)
+
+    def write(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def window_rate(self, timed_steps: int, timed_time: float, global_batch: int):
+        """Training images/s since the last line (evaluation and checkpoints excluded)."""
+        steps = timed_steps - self._last_timed[0]
+        seconds = timed_time - self._last_timed[1]
+        self._last_timed = (timed_steps, timed_time)
+        return steps * global_batch / seconds if steps > 0 and seconds > 0 else None
+
+
+class ProgressCallback(Callback):
+    """Progress of the run on rank 0 (`log.progress`): an animated bar where stderr is a
+    terminal, plain lines every `log.progress_every_s` seconds or `log.progress_every_percent`
+    of the run elsewhere; the loss shown is rank 0's mean over the last statistics read, and
+    each evaluation gets a line."""
+
+    def __init__(self, stream=None):
+        self._stream = stream            # None: sys.stderr, looked up when the run begins
+        self._bar, self._lines, self._loss = None, None, None
 
     def on_run_begin(self, engine):
-        self._bar = Progress(engine.total_steps, engine.step,
-                             engine.comm.is_root and engine.cfg.log.progress)
+        if not (engine.comm.is_root and engine.cfg.log.progress):
+            self._bar = Progress(engine.total_steps, engine.step, False)
+            return
+        stream = self._stream or sys.stderr
+        if _is_terminal(stream):
+            self._bar = Progress(engine.total_steps, engine.step, True, stream)
+        else:
+            log = engine.cfg.log
+            self._lines = ProgressLines(stream, engine.total_steps, engine.step,
+                                        log.progress_every_s, log.progress_every_percent)
 
     def on_stats(self, engine, stats):
         if stats["examples"]:
             self._loss = stats["loss_sum"] / stats["examples"]
 
     def on_step_end(self, engine):
-        self._bar.update(self._loss, engine.lr.schedule(engine.step - 1))
+        lr = engine.lr.schedule(engine.step - 1)
+        if self._lines is not None:
+            if self._lines.due(engine.step) and engine.step < engine.total_steps:
+                rate = self._lines.window_rate(engine.timed_steps, engine.timed_time,
+                                               engine.global_batch)
+                self._lines.write(self._lines.line(engine.step,
+                                                   engine.step / engine.steps_per_epoch,
+                                                   self._loss, lr, rate))
+        elif self._bar is not None:
+            self._bar.update(self._loss, lr)
 
     def on_evaluate(self, engine, record):
-        self._bar.note(f"step {engine.step}: test accuracy {record['test_accuracy']:.4f}, "
-                       f"train loss {record['train_loss']:.4f}")
+        text = (f"step {engine.step}: test accuracy {record['test_accuracy']:.4f}, "
+                f"train loss {record['train_loss']:.4f}")
+        if self._lines is not None:
+            self._lines.write(text)
+        elif self._bar is not None:
+            self._bar.note(text)
 
     def on_run_end(self, engine, ending, summary):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._lines = None
+
+
+class ReportCallback(Callback):
+    """`log.report: true`: rank 0 writes OUT/report (hvdscale report on this run) when the run
+    has finished; a report that cannot be written is a warning, not a failed run."""
+
+    def on_run_end(self, engine, ending, summary):
+        if summary is None or not engine.comm.is_root or not engine.cfg.log.report:
+            return
+        from hvdscale.errors import UsageError
+        from hvdscale.report import write_report
+        try:
+            page = write_report([engine.out], engine.out / "report")
+        except (UsageError, OSError) as err:
+            engine.echo(f"warning: report not written: {err}")
+            return
+        engine.echo(f"report: {page}")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):     # no isatty, or a closed file
+        return False
 
 
 def _fmt_time(seconds):

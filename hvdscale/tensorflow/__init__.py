@@ -19,7 +19,8 @@ def register() -> None:
     register_backend(BackendInfo(
         "tensorflow", "TensorFlow 2 / Keras 3 through horovod.tensorflow",
         trainer="hvdscale.tensorflow.trainer:TensorFlowTrainer", display="Keras",
-        lr_name="learning_rate", module="tensorflow", horovod="horovod.tensorflow",
+        lr_name="learning_rate", module="tensorflow",
+        load="hvdscale.tensorflow.quiet:import_tensorflow", horovod="horovod.tensorflow",
         collectives="hvdscale.tensorflow.collectives",
         option_names={"betas": ("beta_1", "beta_2"), "eps": ("epsilon",)},
         optimizers={name: f"hvdscale.tensorflow.optim:build_{name}"

@@ -23,6 +23,7 @@ import tensorflow as tf
 from hvdscale.comm import gradient_groups
 from hvdscale.errors import ConfigError
 from hvdscale.tensorflow.optim import build_optimizer
+from hvdscale.tensorflow.quiet import list_gpus
 
 
 def configure_threads(threads):
@@ -62,7 +63,7 @@ class TensorFlowTrainer:
         self.cfg, self.comm = cfg, comm
         self.optimizer_name = cfg.optimizer.name
         configure_threads(threads)
-        gpus = tf.config.list_physical_devices("GPU")
+        gpus = list_gpus()
         if gpus:
             gpu = gpus[comm.local_rank % len(gpus)]
             tf.config.set_visible_devices(gpu, "GPU")
