@@ -27,9 +27,11 @@ from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError, at
 from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.preemption import PreemptionWatch
+from hvdscale.engine.resume import CONFIG_KEY, check_resume
 from hvdscale.engine.callbacks import CallbackList
 from hvdscale.engine.tensorboard import TensorBoardCallback
-from hvdscale.engine.reporting import MetricsLog, NullLog, ProgressCallback, summary_table
+from hvdscale.engine.reporting import (MetricsFailureCallback, MetricsLog, NullLog,
+                                       ProgressCallback, summary_table)
 from hvdscale.errors import ConfigError
 from hvdscale.registry import OPTIMIZERS
 
@@ -115,7 +117,8 @@ class Engine:
         self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
-        self.callbacks = CallbackList([ProgressCallback(), TensorBoardCallback(), *callbacks])
+        self.callbacks = CallbackList([ProgressCallback(), TensorBoardCallback(),
+                                       MetricsFailureCallback(), *callbacks])
 
     def echo(self, *args, **kwargs):
         """Print on rank 0 only (looked up each time: elastic runs can renumber ranks)."""
@@ -182,8 +185,10 @@ class Engine:
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
                               f"{self.global_batch} and {self.steps_per_epoch}",
                               setting="checkpoint")
+        changed = check_resume(meta, self.cfg.to_dict())     # refuses what cannot change
         try:
             self.backend.load_state_bytes(data)
+            self.backend.apply_optimizer_settings()   # the recipe's, not the state dict's
         except ConfigError as err:
             raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}",
                               setting="checkpoint") from None
@@ -200,6 +205,8 @@ class Engine:
         self.callbacks.load_state_dict(meta.get("callbacks", {}))
         self.last_checkpoint_step = self.step
         self.echo(f"resumed from {self.store.dir / meta['state_file']} at step {self.step}")
+        if changed:
+            self.echo(changed)
         return True
 
     def describe(self):
@@ -432,7 +439,7 @@ class Engine:
             "reference_workers": self.reference_workers,
             "recipe_per_rank_batch": self.cfg.batch.per_worker * self.cfg.batch.accumulation,
             "skipped_steps": self.nonfinite.skipped,
-            "callbacks": self.callbacks.state_dict(),
+            "callbacks": self.callbacks.state_dict(), CONFIG_KEY: self.cfg.to_dict(),
             "tracker": {"best": self.tracker.best, "steps_to_target": self.tracker.steps_to_target,
                         "time_to_target_s": self.tracker.time_to_target,
                         "epochs_to_target": self.tracker.epochs_to_target},
