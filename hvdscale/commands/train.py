@@ -189,14 +189,16 @@ class RunDirOwner:
         self._claim = lambda: rundir.claim(out, resume=args.resume, overwrite=args.overwrite,
                                            tensorboard=cfg.log.tensorboard)
         self.elastic = args.elastic
-        rank = launched_rank()
-        if self.elastic and not any(os.environ.get(v, "").isdigit() for v in RANK_VARS):
-            rank = None     # no rank yet: Horovod's rendezvous assigns it, later
-        if rank == 0:
+        if self.elastic:
+            # Workers of an elastic job come and go, and one that joins a running job may be
+            # given rank 0 there: it would find the job's own lock and files. Only the checks
+            # that write nothing apply (every worker; no collective before the elastic sync).
+            rundir.check_usable(out, cfg.log.tensorboard)
+            return
+        if launched_rank() == 0:
             self._try()
-            # alone, or elastic (no collective may run before Horovod's elastic sync)
-            if self.refusal is not None and (launched_world_size() == 1 or self.elastic):
-                raise self.refusal
+            if self.refusal is not None and launched_world_size() == 1:
+                raise self.refusal       # alone: at once
 
     def _try(self):
         try:
