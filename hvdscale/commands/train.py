@@ -188,7 +188,7 @@ class RunDirOwner:
         self.out, self.lock, self.refusal = out, None, None
         self._claim = lambda: rundir.claim(out, resume=args.resume, overwrite=args.overwrite,
                                            tensorboard=cfg.log.tensorboard)
-        self.elastic = args.elastic
+        self.elastic, self._resume, self._recipe = args.elastic, args.resume, cfg.to_dict()
         if self.elastic:
             # Workers of an elastic job come and go, and one that joins a running job may be
             # given rank 0 there: it would find the job's own lock and files. Only the checks
@@ -203,8 +203,22 @@ class RunDirOwner:
     def _try(self):
         try:
             self.lock = self._claim()
+            if self._resume:
+                self._check_resume()
         except ConfigError as err:
             self.refusal = err
+
+    def _check_resume(self):
+        """A setting the newest checkpoint cannot honour is refused here, before the
+        frameworks start (the engine checks again and applies the rest after loading)."""
+        from hvdscale.engine.checkpoint import CheckpointStore
+        from hvdscale.engine.resume import check_resume
+        try:
+            hit = CheckpointStore(self.out / "checkpoints").latest()
+        except (ConfigError, OSError):
+            return           # the engine refuses it with the file's name
+        if hit is not None:
+            check_resume(hit[0], self._recipe)
 
     def agree(self, comm):
         if self.elastic:
@@ -214,9 +228,11 @@ class RunDirOwner:
         elif not comm.is_root and self.lock is not None:
             self.lock.release()    # (idem) another process is rank 0
             self.lock = None
-        message = comm.broadcast_object(None if self.refusal is None else str(self.refusal))
-        if message is not None:
-            raise ConfigError(message, setting="out")
+        refusal = self.refusal
+        verdict = comm.broadcast_object(None if refusal is None else
+                                        (str(refusal), refusal.setting))
+        if verdict is not None:
+            raise ConfigError(verdict[0], setting=verdict[1])
 
 
 REQUEUE_VAR = "HVDSCALE_REQUEUE_EXIT_CODE"
