@@ -86,7 +86,11 @@ def test_second_job_refused_then_killed_holder_leaves_no_lock_then_overwrite(tmp
     try:
         metrics = out / "metrics.jsonl"
         assert wait_for(lambda: lock_is_held(out) and metrics.exists()
-                        and metrics.stat().st_size > 0, 120, holder), "holder did not start"
+                        and metrics.stat().st_size > 0
+                        and any((out / "checkpoints").glob("step-*.json")), 120, holder), \
+            "holder did not start"
+        # a stopped job still owns its directory; stopped, it leaves the CPUs to the others
+        holder.send_signal(signal.SIGSTOP)
         # 1. a second job while the first runs: refused on both ranks, naming the holder
         start = time.monotonic()
         proc = horovodrun(2, tool("hvdscale"), "train", *TINY, "--set", "train.max_steps=4",
@@ -95,6 +99,7 @@ def test_second_job_refused_then_killed_holder_leaves_no_lock_then_overwrite(tmp
         line = refused_on_both_ranks(proc, f"{out} is in use by another job (host ")
         assert f"pid {holder.pid}, since " in line, line
         assert holder.poll() is None, "the running job was disturbed"
+        assert lock_is_held(out)
         print(f"second job refused in {took:.1f} s (horovodrun -np 2, end to end)")
         # 2. the holder dies by SIGKILL: no stale lock, but its files are another run's
         holder.send_signal(signal.SIGKILL)
