@@ -17,7 +17,7 @@ from hvdscale import registry
 from hvdscale.core.optimizers import OPTIONS as OPTIMIZER_OPTIONS
 # the same value checks as the optimizer options, one definition
 from hvdscale.core.optimizers import _fraction, _non_negative, _positive
-from hvdscale.errors import ConfigError
+from hvdscale.errors import ConfigError, shown
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "pipelines" / "fashion_mnist_lamb.yaml"
@@ -266,24 +266,85 @@ class Config:
         return 3
 
 
+# ---------------------------------------------------------------------------------- YAML
+# A recipe has ~100 values. YAML aliases may repeat a subtree by reference, and ten nested
+# levels of ten aliases (400 bytes) stand for 10^10 values: harmless as shared Python objects,
+# but every later copy or message (dataclasses.asdict, json.dumps, repr) would expand them.
+MAX_YAML_VALUES = 10_000
+
+
+def _expanded_size(node, sizes, open_nodes):
+    """Scalars + collections under `node` with every alias expanded, counted once per node
+    object (memo), so a bomb is measured without being expanded; stops past the budget."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError("a YAML alias refers to a node that contains it (recursive alias)")
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_VALUES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand to more than MAX_YAML_VALUES
+    values before anything is built from them. YAML syntax errors propagate as
+    yaml.YAMLError; the budget is a ConfigError naming `where`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_YAML_VALUES} "
+                              f"values (a recipe has about 100); refused")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 # ---------------------------------------------------------------------------------- coercion
+FLOAT32_MAX = 3.4028234663852886e38     # training computes in float32 (at least)
+
+
 def _number(value, key, integral):
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
     if isinstance(value, str):
         # PyYAML reads `1e-3` (no dot) as a string; accept what float() reads as a number.
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
     if not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {shown(value)}")
     if not math.isfinite(value):
-        raise ConfigError(f"{key}: must be finite, got {value!r}")
+        raise ConfigError(f"{key}: must be finite, got {shown(value)}")
     if integral:
         if float(value) != int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
+        if abs(int(value)) >= 2 ** 63:
+            raise ConfigError(f"{key}: {value:g} overflows a 64-bit integer")
         return int(value)
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{key}: {value:g} overflows float32, the training's number type "
+                          f"(largest {FLOAT32_MAX:.4g})")
     return float(value)
 
 
@@ -295,7 +356,7 @@ def _coerce(value, meta, key):
         raise ConfigError(f"{key}: must not be null")
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
         out = value
     elif kind is int:
         out = _number(value, key, integral=True)
@@ -303,19 +364,19 @@ def _coerce(value, meta, key):
         out = _number(value, key, integral=False)
     elif kind is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         out = value
     elif kind == "list_str":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of strings, got {shown(value)}")
         out = list(value)
     elif kind == "list_float":
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of numbers, got {shown(value)}")
         out = [_number(v, key, integral=False) for v in value]
     elif kind == "pair_float":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ConfigError(f"{key}: expected two numbers, got {value!r}")
+            raise ConfigError(f"{key}: expected two numbers, got {shown(value)}")
         out = [_number(v, key, integral=False) for v in value]
     else:  # pragma: no cover - schema bug
         raise AssertionError(kind)
@@ -326,22 +387,22 @@ def _coerce(value, meta, key):
         else:
             names = choices.names() if isinstance(choices, registry.Registry) else choices
             extra = " or package.module:factory" if meta.get("entry_point") else ""
-            raise ConfigError(f"{key}: {out!r} is not one of {', '.join(names)}{extra}")
+            raise ConfigError(f"{key}: {shown(out)} is not one of {', '.join(names)}{extra}")
     if meta["check"] and not meta["check"](out):
-        raise ConfigError(f"{key}: {meta['why']}, got {out!r}")
+        raise ConfigError(f"{key}: {meta['why']}, got {shown(out)}")
     return out
 
 
 def _build(cls, raw, prefix):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {shown(raw)}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     # optimizer options registered by plugins are valid keys without a dataclass field
     extra = [k for k in OPTIMIZER_OPTIONS if k not in known] if cls is OptimizerConfig else []
     unknown = sorted(set(raw) - set(known) - set(extra))
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key {unknown[0]!r}{where} "
+        raise ConfigError(f"unknown key {shown(unknown[0])}{where} "
                           f"(known: {', '.join(list(known) + extra)})")
     values, extras = {}, {}
     for name, value in raw.items():
@@ -394,7 +455,7 @@ def _check_consistency(cfg):
         pass
     for entry in cfg.callbacks:
         if not registry.is_entry_point(entry):
-            raise ConfigError(f"callbacks: {entry!r}: expected package.module:factory")
+            raise ConfigError(f"callbacks: {shown(entry)}: expected package.module:factory")
         registry.check_entry_point(entry, "callbacks")
     opt = registry.OPTIMIZERS.get(cfg.optimizer.name)
     if cfg.framework not in opt.builders:
@@ -431,16 +492,16 @@ OVERRIDES = "overrides"
 def parse_override(text: str) -> Tuple[List[str], Any]:
     """`a.b=value` -> (["a", "b"], value); the value is read as YAML (`0.1`, `true`, `[1,2]`)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. optimizer.base_lr=0.01",
+        raise ConfigError(f"override {shown(text)}: expected key=value, e.g. optimizer.base_lr=0.01",
                           setting=OVERRIDES)
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: empty key", setting=OVERRIDES)
+        raise ConfigError(f"override {shown(text)}: empty key", setting=OVERRIDES)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"override {shown(text)}") if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.problem})",
+        raise ConfigError(f"override {shown(text)}: value is not valid YAML ({err.problem})",
                           setting=OVERRIDES) from None
     return key.split("."), value
 
@@ -452,11 +513,11 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         node = raw
         for part in path[:-1]:
             if part not in SECTIONS and node is raw:
-                raise ConfigError(f"override {text!r}: unknown section {part!r} "
+                raise ConfigError(f"override {shown(text)}: unknown section {shown(part)} "
                                   f"(known: {', '.join(SECTIONS)})", setting=OVERRIDES)
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section",
+                raise ConfigError(f"override {shown(text)}: {shown(part)} is not a section",
                                   setting=OVERRIDES)
         node[path[-1]] = value
     return raw
@@ -467,7 +528,7 @@ def read_recipe(path):
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -5,6 +5,19 @@ Messages name the setting at fault (`optimizer.base_lr: must be > 0`, `checkpoin
 CLI prints them as one line (`hvdscale CMD: error: ...`) and exits 2 on every rank, adding
 the command-line flag where one is involved.
 """
+import reprlib
+
+SHOWN_CHARS = 60       # the most of a user's value an error message repeats
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 6, 6, SHOWN_CHARS
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """repr(value) for a message, never more than a short prefix: nested or shared values
+    (YAML aliases) are abbreviated by reprlib without being expanded."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class HvdscaleError(Exception):

@@ -13,7 +13,7 @@ for fw in torch tensorflow; do
     out="runs/demo-$fw-np$NP"
     echo "==> hvdscale train $RECIPE --set framework=$fw on $NP workers (output: $out)"
     "$BIN/horovodrun" -np "$NP" --gloo "$BIN/hvdscale" train "$RECIPE" \
-        --set framework="$fw" --out "$out"
+        --set framework="$fw" --out "$out" --overwrite   # an earlier demo moves aside
     runs+=("$out")
 done
 echo "==> hvdscale report ${runs[*]}"

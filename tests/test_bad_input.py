@@ -26,6 +26,8 @@ CONFIG_CASES = {
     "wrong_type": (["--set", "batch.per_worker=many"], "batch.per_worker: expected a number"),
     "batch_zero": (["--set", "batch.per_worker=0"], "batch.per_worker: must be > 0"),
     "negative_lr": (["--set", "optimizer.base_lr=-0.1"], "optimizer.base_lr: must be > 0"),
+    "lr_overflows_float32": (["--set", "optimizer.base_lr=1e39"],
+                             "optimizer.base_lr: 1e+39 overflows float32"),
     "warmup_too_long": (["--set", "lr.warmup_steps=null", "--set", "lr.warmup_epochs=3",
                          "--set", "train.epochs=2"],
                         "lr.warmup_epochs (3) is longer than training"),

@@ -71,5 +71,5 @@ def test_resume_refuses_a_checkpoint_of_another_framework(tmp_path):
                            "--resume"], env=job_env(), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2
-    assert ("--resume: checkpoint step 5 was written by torch, this run is tensorflow"
-            in proc.stderr.strip().splitlines()[-1])
+    assert ('--resume: checkpoint step 5 was written with framework "torch", this run has '
+            '"tensorflow": it cannot change on resume' in proc.stderr.strip().splitlines()[-1])

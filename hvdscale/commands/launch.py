@@ -141,8 +141,36 @@ def _next_to_interpreter(name, env):
     return str(candidate) if candidate.exists() else None
 
 
+# What a launcher sets in each worker's environment. Found in the environment of
+# `hvdscale launch` itself they are left over from another job (a launch from inside a
+# worker, an exported script variable) and would reach the new workers: mpirun's local
+# workers inherit them, and hvdscale and Horovod read HOROVOD_RANK/SIZE before MPI's.
+RANK_VARIABLES = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE",
+                  "HOROVOD_CROSS_RANK", "HOROVOD_CROSS_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE",
+                  "PMIX_RANK")
+
+
+def check_environment(env, network_interface, interfaces=None):
+    """One-line ConfigErrors for what would make the launch fail inside Horovod/MPI: rank
+    variables of another job, a --network-interface this machine does not have."""
+    stale = [f"{name}={env[name]}" for name in RANK_VARIABLES if name in env]
+    if stale:
+        raise ConfigError(f"the environment holds another job's rank variables "
+                          f"({', '.join(stale)}): unset them (env -u NAME ...) before "
+                          f"hvdscale launch")
+    if network_interface:
+        if interfaces is None:
+            interfaces = interface_addresses()
+        if network_interface not in interfaces:
+            raise ConfigError(f"--network-interface {network_interface}: no such interface "
+                              f"on this machine (it has {', '.join(sorted(interfaces))})")
+
+
 def run(args):
     env = dict(os.environ)
+    if not args.dry_run:        # a dry run may print a command for another machine
+        check_environment(env, args.network_interface)
     layout = layout_from_args(args, env, cores=os.cpu_count() or 1, is_root=os.geteuid() == 0)
     if layout.command:
         resolved = _next_to_interpreter(layout.command[0], env)

@@ -12,10 +12,11 @@ from hvdscale.hardware import cpu_count, cpu_model
 from hvdscale.errors import ConfigError, NonFiniteLossError
 
 # Errors about these settings came from these flags (hvdscale.cli prefixes the flag).
-SETTING_FLAGS = {"checkpoint": "--resume", "overrides": "--set"}
+SETTING_FLAGS = {"checkpoint": "--resume", "overrides": "--set", "out": "--out"}
 
 # Variables by which MPI, Horovod's launchers and PMI tell a process how many ranks there are.
 WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 def add_arguments(parser):
@@ -32,6 +33,9 @@ def add_arguments(parser):
                         help="output directory (default: runs/<recipe>-<framework>-np<K>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in OUT/checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an OUT that holds an earlier one: the "
+                             "earlier run is moved into OUT/previous-<n>/, never deleted")
     parser.add_argument("--tau-ref", default=None, metavar="IMG_S|FILE",
                         help="one worker's images/s (number, or the JSON file written by "
                              "`hvdscale bench --save-ref`) for scaling efficiency")
@@ -52,6 +56,15 @@ def launched_world_size(environ=None):
         if environ.get(var, "").isdigit():
             return int(environ[var])
     return 1
+
+
+def launched_rank(environ=None):
+    """This process's rank as the launcher set it (before Horovod starts), or None."""
+    environ = os.environ if environ is None else environ
+    for var in RANK_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 0 if launched_world_size(environ) == 1 else None
 
 
 def read_tau_ref(value):
@@ -92,9 +105,21 @@ def make_trainer(cfg, comm, threads, model_fn=None):
     return BACKENDS.get(cfg.framework).build_trainer(cfg, comm, threads, model_fn=model_fn)
 
 
-def start_workers(cfg, horovod=True):
+def threads_warning(threads, workers_here, cores):
+    """One line when train.threads asks for more threads than this machine has cores, or
+    None. (Threads beyond the cores take turns: 1000 threads on 2 cores made each step 38x
+    slower.)"""
+    if threads is None or threads * workers_here <= cores:
+        return None
+    return (f"train.threads {threads} x {workers_here} worker(s) on this machine is more than "
+            f"its {cores} cores: the threads will take turns and every step slows down; "
+            f"leave train.threads unset (cores // workers = {max(1, cores // workers_here)})")
+
+
+def start_workers(cfg, horovod=True, agree=None):
     """Horovod, threads per worker and the framework trainer: what train and bench share.
-    Returns (comm, trainer)."""
+    agree(comm): run once Horovod is up, before the trainer is built (train: the verdict on
+    the run directory). Returns (comm, trainer)."""
     from hvdscale.comm import init_comm
     from hvdscale.data import check_data
     check_data(cfg.data)
@@ -103,7 +128,12 @@ def start_workers(cfg, horovod=True):
     if launched > 1 and comm.size != launched:
         raise ConfigError(f"launched as {launched} processes but Horovod for {cfg.framework} "
                           f"is {'disabled' if not horovod else 'not available'} here")
+    if agree is not None:
+        agree(comm)
     threads = cfg.train.threads or max(1, cpu_count() // comm.local_size)
+    warning = threads_warning(cfg.train.threads, comm.local_size, cpu_count())
+    if warning and comm.is_root:
+        print(f"hvdscale: warning: {warning}", file=sys.stderr, flush=True)
     return comm, make_trainer(cfg, comm, threads)
 
 
@@ -118,19 +148,88 @@ def build_engine(args):
         from hvdscale.engine.elastic import check_elastic
         check_elastic(cfg, stop_after_steps=args.stop_after_steps, no_horovod=args.no_horovod)
     requeue = requeue_exit_code()
+    out = output_dir(args, cfg)
+    owner = RunDirOwner(out, args, cfg)     # before any framework import or Horovod
     from hvdscale.engine import Engine
     from hvdscale.data import build_sources
     from hvdscale.registry import build_callbacks
     callbacks = build_callbacks(cfg)
-    comm, trainer = start_workers(cfg, horovod=not args.no_horovod)
+    comm, trainer = start_workers(cfg, horovod=not args.no_horovod, agree=owner.agree)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
-    kind = "elastic" if args.elastic else f"np{comm.size}"
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-{kind}"
-    return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
+    engine = Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
                   requeue_exit_code=requeue, elastic=args.elastic, sources=build_sources,
                   callbacks=callbacks,
                   hardware=hardware_name(trainer.device_description, comm.size))
+    engine.owner = owner        # holds the run directory's lock for the life of the job
+    return engine
+
+
+def output_dir(args, cfg):
+    """--out, or runs/<recipe>-<framework>-np<K> (K from the launcher: Horovod is not up)."""
+    if args.out:
+        return Path(args.out)
+    kind = "elastic" if args.elastic else f"np{launched_world_size()}"
+    return Path("runs") / f"{cfg.name}-{cfg.framework}-{kind}"
+
+
+class RunDirOwner:
+    """Claims the run directory (hvdscale/engine/rundir.py) on rank 0 before the frameworks
+    start, and makes every rank agree on the verdict: a lone process refuses at once (under
+    a second); in a multi-process job rank 0 keeps its refusal until Horovod is up and then
+    broadcasts it, so that every rank exits with the same line and none waits in a
+    collective for a rank that has gone."""
+
+    def __init__(self, out, args, cfg):
+        from hvdscale.engine import rundir
+        self.out, self.lock, self.refusal = out, None, None
+        self._claim = lambda: rundir.claim(out, resume=args.resume, overwrite=args.overwrite,
+                                           tensorboard=cfg.log.tensorboard)
+        self.elastic, self._resume, self._recipe = args.elastic, args.resume, cfg.to_dict()
+        if self.elastic:
+            # Workers of an elastic job come and go, and one that joins a running job may be
+            # given rank 0 there: it would find the job's own lock and files. Only the checks
+            # that write nothing apply (every worker; no collective before the elastic sync).
+            rundir.check_usable(out, cfg.log.tensorboard)
+            return
+        if launched_rank() == 0:
+            self._try()
+            if self.refusal is not None and launched_world_size() == 1:
+                raise self.refusal       # alone: at once
+
+    def _try(self):
+        try:
+            self.lock = self._claim()
+            if self._resume:
+                self._check_resume()
+        except ConfigError as err:
+            self.refusal = err
+
+    def _check_resume(self):
+        """A setting the newest checkpoint cannot honour is refused here, before the
+        frameworks start (the engine checks again and applies the rest after loading)."""
+        from hvdscale.engine.checkpoint import CheckpointStore
+        from hvdscale.engine.resume import check_resume
+        try:
+            hit = CheckpointStore(self.out / "checkpoints").latest()
+        except (ConfigError, OSError):
+            return           # the engine refuses it with the file's name
+        if hit is not None:
+            check_resume(hit[0], self._recipe)
+
+    def agree(self, comm):
+        if self.elastic:
+            return
+        if comm.is_root and self.lock is None and self.refusal is None:
+            self._try()            # the launcher did not say which rank this is
+        elif not comm.is_root and self.lock is not None:
+            self.lock.release()    # (idem) another process is rank 0
+            self.lock = None
+        refusal = self.refusal
+        verdict = comm.broadcast_object(None if refusal is None else
+                                        (str(refusal), refusal.setting))
+        if verdict is not None:
+            raise ConfigError(verdict[0], setting=verdict[1])
 
 
 REQUEUE_VAR = "HVDSCALE_REQUEUE_EXIT_CODE"

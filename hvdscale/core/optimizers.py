@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from hvdscale.errors import ConfigError
+from hvdscale.errors import ConfigError, shown
+
+FLOAT32_MAX = 3.4028234663852886e38     # optimizer state and updates are float32 at least
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,11 @@ class OptionSpec:
             raise ConfigError(f"{where}: must not be null")
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
             out = value
         elif self.kind == "pair_float":
             if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise ConfigError(f"{where}: expected two numbers, got {value!r}")
+                raise ConfigError(f"{where}: expected two numbers, got {shown(value)}")
             out = tuple(_number(v, where) for v in value)
         else:
             out = _number(value, where)
@@ -51,12 +53,15 @@ class OptionSpec:
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{where}: expected a finite number, got {shown(value)}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{where}: {value:g} overflows float32, the training's number type "
+                          f"(largest {FLOAT32_MAX:.4g})")
     return float(value)
 
 
 def _show(value: Any) -> str:
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+    return shown(list(value) if isinstance(value, tuple) else value)
 
 
 def _positive(v):

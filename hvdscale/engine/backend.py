@@ -61,6 +61,11 @@ class Backend(Protocol):
     def load_state_bytes(self, data: bytes) -> None:
         """Restore what state_bytes wrote (called on every rank with the same bytes)."""
 
+    def apply_optimizer_settings(self) -> None:
+        """After load_state_bytes on resume: the optimizer's hyper-parameters (weight decay,
+        betas, momentum, ...) from this run's recipe, not from the loaded state
+        (hvdscale/engine/resume.py lists what changed)."""
+
     def parameters(self) -> Dict[str, Any]:
         """Trainable parameters by name as NumPy arrays (tests compare them)."""
 

@@ -27,12 +27,11 @@ from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError, at
 from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
 from hvdscale.engine.preemption import PreemptionWatch
+from hvdscale.engine.resume import CONFIG_KEY, check_resume
 from hvdscale.engine.callbacks import CallbackList
 from hvdscale.engine.tensorboard import TensorBoardCallback
-from hvdscale.engine.advice import SlowSettingsCallback
-from hvdscale.engine.curves import StepCurvesCallback
-from hvdscale.engine.reporting import (MetricsLog, NullLog, ProgressCallback, ReportCallback,
-                                      summary_table)
+from hvdscale.engine.reporting import (MetricsFailureCallback, MetricsLog, NullLog,
+                                       ProgressCallback, ReportCallback, summary_table)
 from hvdscale.errors import ConfigError
 from hvdscale.registry import OPTIMIZERS
 
@@ -120,7 +119,7 @@ class Engine:
                          if cfg.faults.step_timeout_s else None)
         self.callbacks = CallbackList([SlowSettingsCallback(), ProgressCallback(),
                                        TensorBoardCallback(), StepCurvesCallback(),
-                                       ReportCallback(), *callbacks])
+                                       MetricsFailureCallback(), ReportCallback(), *callbacks])
         self.stop_requested = False  # set by a callback (request_stop): end after this step
 
     def request_stop(self):
@@ -193,8 +192,10 @@ class Engine:
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
                               f"{self.global_batch} and {self.steps_per_epoch}",
                               setting="checkpoint")
+        changed = check_resume(meta, self.cfg.to_dict())     # refuses what cannot change
         try:
             self.backend.load_state_bytes(data)
+            self.backend.apply_optimizer_settings()   # the recipe's, not the state dict's
         except ConfigError as err:
             raise ConfigError(f"{self.store.dir / meta['state_file']}: {err}",
                               setting="checkpoint") from None
@@ -207,6 +208,8 @@ class Engine:
         self.callbacks.load_state_dict(meta.get("callbacks", {}))
         self.last_checkpoint_step = self.step
         self.echo(f"resumed from {self.store.dir / meta['state_file']} at step {self.step}")
+        if changed:
+            self.echo(changed)
         return True
 
     def describe(self):
@@ -441,7 +444,7 @@ class Engine:
             "reference_workers": self.reference_workers,
             "recipe_per_rank_batch": self.cfg.batch.per_worker * self.cfg.batch.accumulation,
             "skipped_steps": self.nonfinite.skipped,
-            "callbacks": self.callbacks.state_dict(),
+            "callbacks": self.callbacks.state_dict(), CONFIG_KEY: self.cfg.to_dict(),
             "tracker": self.tracker.state_dict(),
         }
         try:

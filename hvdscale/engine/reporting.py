@@ -1,7 +1,9 @@
 """What a run tells the user: metrics.jsonl, TensorBoard scalars, the progress bar and the final
 summary table. Everything here is active on rank 0 only; other ranks get silent stand-ins."""
+import errno
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,19 +13,50 @@ from hvdscale.engine.callbacks import Callback
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl: one JSON object per line, flushed at once so a crash keeps the lines."""
+    """OUT/metrics.jsonl: one JSON object per line. Each line goes to the file in one
+    os.write on an O_APPEND descriptor, so a reader (or a crash) never sees half a line; a
+    write cut short (full disk) is cut back to the last whole line.
+
+    A write that fails does not raise: the first failure is kept in `error` (one line naming
+    the file) and later records are still tried (the disk may have room again). The engine's
+    MetricsFailureCallback turns it into the run's ending (checkpoint.on_error)."""
 
     def __init__(self, path: Union[str, Path], append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a" if append else "w")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd: Optional[int] = os.open(self.path, flags, 0o644)
+        self.error: Optional[str] = None
+        self.lost = 0           # records that could not be written
 
-    def write(self, record: Dict[str, Any]) -> None:
-        self._fh.write(json.dumps(_jsonable(record)) + "\n")
-        self._fh.flush()
+    def write(self, record: Dict[str, Any]) -> bool:
+        """Append one record; returns False when it could not be written."""
+        line = (json.dumps(_jsonable(record)) + "\n").encode()
+        if self._fd is None:
+            return False
+        start = None
+        try:
+            start = os.fstat(self._fd).st_size
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return True
+        except OSError as err:
+            if start is not None:
+                try:       # no partial line stays behind
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    pass
+            self.lost += 1
+            if self.error is None:
+                self.error = (f"cannot write {self.path}: {err.strerror or err} "
+                              f"[errno {err.errno}]")
+            return False
 
     def close(self):
-        self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _jsonable(record):
@@ -37,8 +70,10 @@ def _jsonable(record):
 
 
 class NullLog:
+    error = None
+
     def write(self, record):
-        pass
+        return True
 
     def close(self):
         pass
@@ -202,6 +237,54 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):     # no isatty, or a closed file
         return False
+
+
+class MetricsFailureCallback(Callback):
+    """A metrics.jsonl line that could not be written (full disk, quota) ends the run the way
+    a failed checkpoint does (`checkpoint.on_error`): with `stop` every rank stops together
+    with one line naming the file and exit code 6, after a checkpoint of the current step
+    where the disk still takes one (the earlier checkpoints are never touched); with `warn`
+    one warning and training goes on. Rank 0's verdict reaches every rank in one broadcast
+    per evaluation (and one at the end), so no rank waits for another that has stopped."""
+
+    def __init__(self):
+        self._warned = False
+
+    def _failure(self, engine):
+        error = engine._log.error if engine.comm.is_root else None
+        return engine.comm.broadcast_object(error)
+
+    def _act(self, engine, failure, checkpoint):
+        from hvdscale.engine.loop import CheckpointError
+        if engine.cfg.checkpoint.on_error == "warn":
+            if not self._warned:
+                engine.echo(f"warning: {failure}; training goes on without those lines "
+                            f"(checkpoint.on_error = warn)")
+                self._warned = True
+            return
+        saved = engine.last_checkpoint_step == engine.step
+        if checkpoint and not saved:
+            try:
+                saved = engine._checkpoint()
+            except CheckpointError as err:
+                raise CheckpointError(f"{failure}; {err}") from None
+        where = (f"checkpoint step-{engine.step:08d} is written" if saved else
+                 f"newest checkpoint: step {engine.last_checkpoint_step}"
+                 if engine.last_checkpoint_step is not None else "no checkpoint written")
+        raise CheckpointError(f"{failure}; {where}; continue with --resume once there is "
+                              f"room (checkpoint.on_error = stop)")
+
+    def on_evaluate(self, engine, record):
+        failure = self._failure(engine)
+        if failure:
+            self._act(engine, failure, checkpoint=True)
+
+    def on_run_end(self, engine, ending, summary):
+        if summary is None:      # stopped early: the ranks may not all be here
+            return
+        failure = self._failure(engine)
+        if failure:
+            self._act(engine, failure, checkpoint=False)
 
 
 def _fmt_time(seconds):

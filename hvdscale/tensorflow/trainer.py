@@ -426,6 +426,22 @@ class TensorFlowTrainer:
                                           setting="checkpoint")
                     v.assign(value)
 
+    def apply_optimizer_settings(self):
+        """Keras keeps the hyper-parameters (beta_1, epsilon, weight decay, ...) as Python
+        attributes that a checkpoint, which holds variables only, does not restore: build()
+        set this recipe's, and they stay. Only the learning rate is a variable, and the
+        engine sets it every step. Checked here so that a loader that did bring old values
+        back would fail loudly instead of training with them."""
+        c = self.cfg.optimizer
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        fresh = build_optimizer(c.name, c.base_lr, c).get_config()
+        mine = inner.get_config()
+        stale = sorted(k for k, v in fresh.items()
+                       if k not in ("learning_rate", "name") and mine.get(k) != v)
+        if stale:
+            raise ConfigError(f"optimizer settings {', '.join(stale)} differ from the recipe "
+                              "after loading", setting="checkpoint")
+
     def parameters(self):
         return {v.path: v.numpy().copy() for v in self.model.trainable_variables}
 

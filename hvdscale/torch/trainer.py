@@ -373,6 +373,19 @@ class TorchTrainer:
                               f"({str(err).splitlines()[0]})", setting="checkpoint") from None
         torch.set_rng_state(state["torch_rng"].cpu())
 
+    def apply_optimizer_settings(self):
+        """torch's Optimizer.load_state_dict brings back the checkpoint's param-group
+        hyper-parameters: set this recipe's again, taken from a fresh optimizer built the
+        way build() does (no state, so cheap); the LR is set every step anyway."""
+        c = self.cfg.optimizer
+        fresh = build_optimizer(c.name, self.model, c.base_lr, c)
+        groups = self.optimizer.param_groups
+        if [len(g["params"]) for g in fresh.param_groups] != [len(g["params"]) for g in groups]:
+            raise ConfigError("the checkpoint's optimizer parameter groups do not fit this "
+                              "recipe's", setting="checkpoint")
+        for group, new in zip(groups, fresh.param_groups):
+            group.update({k: v for k, v in new.items() if k not in ("params", "lr")})
+
     def parameters(self):
         return {n: p.detach().cpu().numpy().copy() for n, p in self.model.named_parameters()}
 
