@@ -30,6 +30,8 @@ from hvdscale.engine.preemption import PreemptionWatch
 from hvdscale.engine.resume import CONFIG_KEY, check_resume
 from hvdscale.engine.callbacks import CallbackList
 from hvdscale.engine.tensorboard import TensorBoardCallback
+from hvdscale.engine.advice import SlowSettingsCallback
+from hvdscale.engine.curves import StepCurvesCallback
 from hvdscale.engine.reporting import (MetricsFailureCallback, MetricsLog, NullLog,
                                        ProgressCallback, ReportCallback, summary_table)
 from hvdscale.errors import ConfigError
