@@ -306,3 +306,17 @@ def test_resume_refuses_a_foreign_or_pickled_checkpoint_in_one_line(tmp_path, ba
     line = next(l for l in err.splitlines() if "error:" in l)
     assert "--resume:" in line and "step-00000032.npz" in line and "pickle" in line, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_elastic_is_refused_for_a_backend_without_horovod(tmp_path):
+    code = ("from hvdscale.config import config_from_dict\n"
+            "from hvdscale.engine.elastic import check_elastic\n"
+            "from hvdscale.errors import ConfigError\n"
+            "cfg = config_from_dict({'framework': 'numpy', 'plugins': ['hvdscale_numpy'], "
+            "'optimizer': {'name': 'sgd'}, 'model': {'name': 'mlp'}})\n"
+            "try:\n    check_elastic(cfg)\nexcept ConfigError as err:\n    print('REFUSED', err)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(PLUGINS)]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert "REFUSED --elastic needs Horovod, which the numpy backend does not use" \
+        in proc.stdout, proc.stdout + proc.stderr
