@@ -299,8 +299,8 @@ def test_resume_refuses_a_foreign_or_pickled_checkpoint_in_one_line(tmp_path, ba
                            plugins=["hvdscale_numpy", "hvdscale_numpy.forgetful"])
     codes, err = run_sessions(tmp_path, [["--out", str(out), "--resume"]], foreign)
     assert codes == [2]
-    assert "error: --resume: checkpoint step 32 was written by numpy, this run is " \
-           "numpy_forgetful" in err, err[-2000:]
+    assert 'error: --resume: checkpoint step 32 was written with framework "numpy", this ' \
+           'run has "numpy_forgetful"' in err, err[-2000:]
     codes, err = run_sessions(tmp_path, [["--out", str(out), "--resume"]])
     assert codes == [2]
     line = next(l for l in err.splitlines() if "error:" in l)

@@ -41,9 +41,10 @@ def test_full_disk_under_metrics_stops_every_rank_with_one_line(tmp_path):
     mount_tmpfs(out, "64k")
     try:
         mount_tmpfs(out / "checkpoints", "8m")
-        # leave two pages: the lock file's and one of metrics.jsonl (about nine records)
+        # leave four pages: the lock file's, recipe.json's, steps.jsonl's (16 lines) and one
+        # of metrics.jsonl (about nine records)
         st = os.statvfs(out)
-        (out / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 2 * PAGE))
+        (out / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 4 * PAGE))
         proc = horovodrun(2, tool("hvdscale"), "train", *RUN, "--out", out, check=False,
                           timeout=300)
         text = (out / "metrics.jsonl").read_bytes().decode()

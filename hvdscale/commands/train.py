@@ -150,19 +150,27 @@ def build_engine(args):
     requeue = requeue_exit_code()
     out = output_dir(args, cfg)
     owner = RunDirOwner(out, args, cfg)     # before any framework import or Horovod
+    try:
+        engine = _engine(args, cfg, out, owner, tau_ref, requeue)
+    except BaseException:
+        owner.release()       # a job that cannot start hands the directory back at once
+        raise
+    engine.owner = owner        # holds the run directory's lock for the life of the job
+    return engine
+
+
+def _engine(args, cfg, out, owner, tau_ref, requeue):
     from hvdscale.engine import Engine
     from hvdscale.data import build_sources
     from hvdscale.registry import build_callbacks
     callbacks = build_callbacks(cfg)
     comm, trainer = start_workers(cfg, horovod=not args.no_horovod, agree=owner.agree)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
-    engine = Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
+    return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
                   requeue_exit_code=requeue, elastic=args.elastic, sources=build_sources,
                   callbacks=callbacks,
                   hardware=hardware_name(trainer.device_description, comm.size))
-    engine.owner = owner        # holds the run directory's lock for the life of the job
-    return engine
 
 
 def output_dir(args, cfg):
@@ -217,6 +225,13 @@ class RunDirOwner:
         if hit is not None:
             check_resume(hit[0], self._recipe)
 
+    def release(self):
+        """Hand the directory back (the end of a job run in-process, e.g. by tests or tools
+        that call hvdscale.cli.main more than once; a process that ends releases it anyway)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def agree(self, comm):
         if self.elastic:
             return
@@ -248,9 +263,16 @@ def requeue_exit_code(environ=None):
 
 
 def run(args):
+    engine = build_engine(args)
+    try:
+        return _run(engine)
+    finally:
+        engine.owner.release()
+
+
+def _run(engine):
     from hvdscale.engine.faults import lost_worker_message, worker_lost
     from hvdscale.engine.loop import CheckpointError
-    engine = build_engine(args)
     try:
         result = engine.run()
     except NonFiniteLossError as err:

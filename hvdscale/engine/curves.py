@@ -13,8 +13,6 @@ tells the report what differs between two runs.
 """
 import json
 
-import numpy as np
-
 from hvdscale.engine.callbacks import Callback
 from hvdscale.engine.checkpoint import atomic_write
 from hvdscale.engine.reporting import MetricsLog
@@ -33,13 +31,15 @@ class StepCurvesCallback(Callback):
         if engine.comm.is_root:
             # a resumed run goes on with its file; a fresh one starts it again
             self._log = MetricsLog(engine.out / STEPS_FILE, append=engine.step > 0)
-            atomic_write(engine.out / RECIPE_FILE,
-                         (json.dumps(engine.cfg.to_dict(), indent=1, default=str) + "\n").encode())
+            try:
+                atomic_write(engine.out / RECIPE_FILE, (json.dumps(
+                    engine.cfg.to_dict(), indent=1, default=str) + "\n").encode())
+            except OSError as err:     # the report then labels runs less well; no reason to stop
+                engine.echo(f"warning: cannot write {engine.out / RECIPE_FILE}: {err}")
 
     def on_stats(self, engine, stats):
-        # every rank joins the allreduce; only rank 0 writes
-        loss_sum, examples = engine.comm.allreduce(
-            np.array([stats["loss_sum"], stats["examples"]], dtype=np.float64), op="sum")
+        # the loss over every rank comes with the engine's statistics read; only rank 0 writes
+        loss_sum, examples = stats["loss_sum_all"], stats["examples_all"]
         steps = engine.timed_steps - self._timed[0]
         seconds = engine.timed_time - self._timed[1]
         self._timed = (engine.timed_steps, engine.timed_time)

@@ -108,7 +108,8 @@ class Engine:
         self.timed_time = 0.0        # this session, first step excluded (throughput)
         self.timed_steps = 0
         self.last_accuracy = None
-        self._loss_sum, self._loss_n = 0.0, 0     # since the last evaluation (host values)
+        # training loss over every rank since the last evaluation (agreed host values)
+        self._loss_sum, self._loss_n = 0.0, 0
         self._unread = 0             # steps whose statistics are still on the device
         self.log_every = cfg.log.every_steps
         self._session_steps = 0
@@ -357,9 +358,11 @@ class Engine:
             self.timed_steps += step
 
     def _collect_stats(self):
-        """Read the statistics of the steps since the last read (the one host read), agree
-        on non-finite steps across ranks (one small allreduce) and apply the policy: abort
-        raises NonFiniteLossError naming the first bad step, skip counts and reports."""
+        """Read the statistics of the steps since the last read (the one host read), sum the
+        loss over the ranks and agree on non-finite steps (one small allreduce; a second only
+        when some rank saw one) and apply the policy: abort raises NonFiniteLossError naming
+        the first bad step, skip counts and reports. Callbacks get the rank's stats plus
+        `loss_sum_all` / `examples_all` over every rank."""
         if self._unread == 0:
             return
         t0 = time.perf_counter()
@@ -367,17 +370,21 @@ class Engine:
         self._clock(time.perf_counter() - t0)
         first_step = self.step - self._unread
         self._unread = 0
-        if stats["examples"]:
-            self._loss_sum += stats["loss_sum"]
-            self._loss_n += stats["examples"]
-        self.callbacks.stats(self, stats)
-        first = stats["first_nonfinite_step"]
-        # max of (count, -first step): agreed count, earliest bad step over the ranks
-        count, neg_first = self.comm.allreduce(
-            np.array([stats["nonfinite_steps"], -(first if first is not None else 2 ** 40)],
-                     dtype=np.int64), op="max")
-        if count:
+        loss_all, examples_all, any_bad = self.comm.allreduce(np.array(
+            [stats["loss_sum"], stats["examples"], stats["nonfinite_steps"]], np.float64),
+            op="sum")
+        if any_bad:       # the same on every rank, so all of them take this collective
+            first = stats["first_nonfinite_step"]
+            # max of (count, -first step): agreed count, earliest bad step over the ranks
+            count, neg_first = self.comm.allreduce(
+                np.array([stats["nonfinite_steps"], -(first if first is not None else 2 ** 40)],
+                         dtype=np.int64), op="max")
             self.nonfinite.account(first_step + int(-neg_first), int(count))
+        if examples_all:
+            self._loss_sum += float(loss_all)
+            self._loss_n += int(examples_all)
+        self.callbacks.stats(self, dict(stats, loss_sum_all=float(loss_all),
+                                        examples_all=int(examples_all)))
 
     def _evaluate(self, wall):
         self._collect_stats()
@@ -385,9 +392,7 @@ class Engine:
         correct, count, loss_sum = self.backend.evaluate(self.eval_source.batches())
         totals = self.comm.allreduce(np.array([correct, count], dtype=np.int64), op="sum")
         loss_total = self.comm.allreduce(float(loss_sum), op="sum")
-        sums = self.comm.allreduce(np.array([self._loss_sum, self._loss_n], dtype=np.float64),
-                                   op="sum")
-        train_loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
+        train_loss = self._loss_sum / self._loss_n if self._loss_n else float("nan")
         self._loss_sum, self._loss_n = 0.0, 0
         accuracy = float(totals[0]) / max(1, int(totals[1]))
         self.last_accuracy = accuracy

@@ -154,6 +154,10 @@ class NumpyTrainer:
         for key, target in targets.items():     # in place: the optimizer holds these arrays
             target[...] = arrays[key]
 
+    def apply_optimizer_settings(self) -> None:
+        """Nothing to do: the momentum and weight decay are attributes set from this run's
+        recipe in build(), and a checkpoint holds arrays only (never hyper-parameters)."""
+
     def parameters(self) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.model.params.items()}
 
