@@ -53,6 +53,9 @@ def check_elastic(cfg, *, stop_after_steps=None, no_horovod=False):
     if stop_after_steps is not None or no_horovod:
         raise ConfigError("--elastic runs under Horovod's elastic launcher: it does not "
                           "combine with --stop-after-steps or --no-horovod")
+    if cfg.batch.adaptive.enabled:
+        raise ConfigError("batch.adaptive does not run with --elastic yet (a world change "
+                          "would reset the decided global batch)")
     if cfg.horovod.adasum:
         raise ConfigError("elastic training runs on Horovod's Gloo controller: horovod.adasum "
                           "(which needs MPI on CPUs) is not supported with --elastic")
