@@ -65,13 +65,13 @@ class AdaptiveBatch(Callback):
         self.granularity = b.per_worker * workers
         self.start_batch = self.granularity * b.accumulation
         # the checks that need the worker count (one line, the same on every rank)
-        if a.max_global % self.granularity:
-            raise ConfigError(f"batch.adaptive.max_global ({a.max_global}) is not a multiple "
-                              f"of per_worker x workers = {b.per_worker} x {workers}")
         if self.start_batch > a.max_global:
             raise ConfigError(f"batch.adaptive.max_global ({a.max_global}) is below the "
                               f"global batch the run starts from ({self.start_batch} = "
                               f"{workers} x {b.per_worker} x {b.accumulation})")
+        if a.max_global % self.granularity:
+            raise ConfigError(f"batch.adaptive.max_global ({a.max_global}) is not a multiple "
+                              f"of per_worker x workers = {b.per_worker} x {workers}")
         self.rule = BatchRule(min_global=self.start_batch, max_global=a.max_global,
                               granularity=self.granularity, threshold=a.threshold,
                               min_samples=a.min_samples, shrink=a.shrink)
