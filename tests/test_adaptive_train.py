@@ -98,7 +98,8 @@ def expected_lr(step, events, start_batch, base):
 @pytest.mark.slow
 def test_batch_grows_and_resume_equals_uninterrupted(tmp_path):
     args = [*TINY, *ADAPTIVE]
-    worker(tmp_path / "whole", *args, "--out", tmp_path / "whole")
+    worker(tmp_path / "whole", *args, "--set", "log.tensorboard=true", "--out",
+           tmp_path / "whole")
     log = read_log(tmp_path / "whole" / "metrics.jsonl")
     events = [r for r in log if r.get("event") == "batch"]
     records = [r for r in log if "event" not in r]
@@ -126,6 +127,20 @@ def test_batch_grows_and_resume_equals_uninterrupted(tmp_path):
                                                          PER_WORKER, base), rel=1e-9)
     # adascale: 1 <= gain <= scale
     assert all(1.0 <= e["lr_gain"] <= e["global_batch"] / PER_WORKER + 1e-9 for e in events)
+
+    # the decisions in TensorBoard too
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    except ImportError:
+        EventFileLoader = None
+    if EventFileLoader is not None:
+        [path] = (tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*")
+        scalars = [(e.step, v.tag, v.tensor.float_val[0] if v.HasField("tensor")
+                    else v.simple_value)
+                   for e in EventFileLoader(str(path)).Load() for v in e.summary.value]
+        assert [(s, v) for s, t, v in scalars if t == "adaptive/global_batch"] == \
+            [(e["step"], e["global_batch"]) for e in events]
+        assert [s for s, t, v in scalars if t == "adaptive/lr_gain"] == [e["step"] for e in events]
 
     # paused after the second growth, resumed: same decisions, same parameters
     pause = events[1]["step"] + 10

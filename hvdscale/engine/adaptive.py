@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from hvdscale.core.adaptive_batch import BatchRule, lr_gain
 from hvdscale.engine.callbacks import Callback
+from hvdscale.engine.tensorboard import TensorBoardCallback
 from hvdscale.errors import ConfigError
 
 
@@ -118,6 +119,11 @@ class AdaptiveBatch(Callback):
                  "samples": samples, "predicted_saving": decision.saving,
                  "reason": decision.reason}
         engine._log.write(event)
+        for callback in engine.callbacks:
+            if isinstance(callback, TensorBoardCallback):
+                for tag in ("global_batch", "accumulation", "lr_gain", "b_noise"):
+                    if event[tag] is not None:
+                        callback.scalar(f"adaptive/{tag}", event[tag], engine.step)
         if batch != current:
             engine.echo(f"adaptive batch: step {engine.step}: global batch {current} -> "
                         f"{batch} (B_noise {b_noise:.0f} from {samples} samples; "
