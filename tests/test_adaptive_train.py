@@ -158,3 +158,29 @@ def test_batch_grows_and_resume_equals_uninterrupted(tmp_path):
     for key in whole.files:
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
     assert any(not np.allclose(paused[k], whole[k]) for k in whole.files)
+
+
+@pytest.mark.multiproc
+def test_both_ranks_read_the_same_noise_and_decide_the_same(tmp_path):
+    """horovodrun -np 2: the noise reading each rank computes for itself (from allreduced
+    norms) is bitwise the same on both ranks, so are the batches in force, the batch grows
+    (2 x 8 per micro-step), and the ranks end with the same parameters."""
+    from conftest import horovodrun
+    plugins = REPO / "tests" / "plugins"
+    args = [a for a in TINY if a != "--no-horovod"] + ADAPTIVE + [
+        "--set", "batch.per_worker=8", "--set", "callbacks=[noise_readings:make]"]
+    horovodrun(2, sys.executable, WORKER, "train", tmp_path / "dump", *args,
+               "--out", tmp_path / "run", PYTHONPATH=f"{plugins}:{REPO}",
+               HVDSCALE_TEST_READINGS_DIR=tmp_path)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert len(rank0) > 5 and rank0 == rank1
+    assert all(row[2].get("gns_samples") for row in rank0)
+    events = [r for r in read_log(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "batch"]
+    batches = [e["global_batch"] for e in events]
+    assert batches and batches[-1] >= 64 and all(b % 16 == 0 for b in batches)
+    assert all(e["accumulation"] == e["global_batch"] // 16 for e in events)
+    p0 = np.load(tmp_path / "dump" / "params-rank0.npz")
+    p1 = np.load(tmp_path / "dump" / "params-rank1.npz")
+    for key in p0.files:
+        np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
