@@ -56,6 +56,11 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                              file=sys.stderr, leave=False)
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (batch.adaptive takes fewer, larger steps)."""
+        if self._bar is not None and self._bar.total != total:
+            self._bar.total = total
+
     def update(self, loss: Optional[float], lr: float) -> None:
         if self._bar is not None:
             self._bar.update(1)
@@ -88,6 +93,7 @@ class ProgressCallback(Callback):
             self._loss = stats["loss_sum"] / stats["examples"]
 
     def on_step_end(self, engine):
+        self._bar.set_total(engine.total_steps)
         self._bar.update(self._loss, engine.lr.schedule(engine.step - 1))
 
     def on_evaluate(self, engine, record):
