@@ -73,11 +73,33 @@ class DataConfig:
     decode: str = _spec("auto", str, choices=DECODERS)
 
 
+ADAPTIVE_RULES = ("adascale", "linear", "sqrt")
+
+
+@dataclass
+class AdaptiveBatchConfig:
+    """batch.adaptive: grow the global batch from the online noise scale
+    (hvdscale/core/adaptive_batch.py, hvdscale/engine/adaptive.py, docs/training.md)."""
+    enabled: bool = _spec(False, bool)
+    # the largest global batch; a multiple of per_worker x workers (checked at start)
+    max_global: Optional[int] = _spec(None, int, nullable=True, check=_positive,
+                                      why="must be > 0")
+    every_steps: int = _spec(100, int, check=_positive, why="must be > 0")
+    rule: str = _spec("adascale", str, choices=ADAPTIVE_RULES)
+    # the predicted fraction of steps saved that a change must exceed
+    threshold: float = _spec(0.1, float, check=_fraction, why="must be in [0, 1)")
+    # noise-scale estimates needed before the first decision
+    min_samples: int = _spec(10, int, check=_positive, why="must be > 0")
+    shrink: bool = _spec(False, bool)
+
+
 @dataclass
 class BatchConfig:
     per_worker: int = _spec(128, int, check=_positive, why="must be > 0")
     reference: int = _spec(128, int, check=_positive, why="must be > 0")
     accumulation: int = _spec(1, int, check=_positive, why="must be > 0")
+    adaptive: AdaptiveBatchConfig = field(default_factory=AdaptiveBatchConfig,
+                                          metadata={"section": AdaptiveBatchConfig})
 
 
 @dataclass
@@ -409,6 +431,9 @@ def _build(cls, raw, prefix):
         key = f"{prefix}.{name}" if prefix else name
         if prefix == "" and name in SECTIONS:
             values[name] = _build(SECTIONS[name], value if value is not None else {}, name)
+        elif name in known and "section" in known[name].metadata:     # a nested section
+            values[name] = _build(known[name].metadata["section"],
+                                  value if value is not None else {}, key)
         elif name in extra or "option" in getattr(known.get(name), "metadata", {}):
             # None: the optimizer's default (filled in by _resolve_optimizer)
             target = extras if name in extra else values
@@ -453,6 +478,7 @@ def _check_consistency(cfg):
     if t.eval_every_epochs is None and t.eval_every_steps is None:
         # still evaluated at the end; that is allowed, nothing to check
         pass
+    _check_adaptive(cfg)
     for entry in cfg.callbacks:
         if not registry.is_entry_point(entry):
             raise ConfigError(f"callbacks: {shown(entry)}: expected package.module:factory")
@@ -482,6 +508,27 @@ def _check_consistency(cfg):
         if cfg.data.image_size < need:
             raise ConfigError(f"data.image_size {cfg.data.image_size} is too small for "
                               f"{cfg.model.name} (needs >= {need})")
+
+
+def _check_adaptive(cfg):
+    """batch.adaptive, as far as it can be checked without the worker count (the rest, the
+    global batches against per_worker x workers, is checked when the run starts)."""
+    a, b = cfg.batch.adaptive, cfg.batch
+    if not a.enabled:
+        return
+    if a.max_global is None:
+        raise ConfigError("batch.adaptive.max_global: required when batch.adaptive.enabled "
+                          "(the largest global batch the run may grow to)")
+    if cfg.noise_scale.every == 0:
+        raise ConfigError("batch.adaptive.enabled needs the online noise scale, which "
+                          "noise_scale.every = 0 switches off (set it to e.g. 1-10)")
+    if b.per_worker * b.accumulation > a.max_global:
+        raise ConfigError(f"batch.adaptive.max_global ({a.max_global}) is below the global "
+                          f"batch of one worker (per_worker x accumulation = "
+                          f"{b.per_worker * b.accumulation})")
+    if a.max_global % b.per_worker:
+        raise ConfigError(f"batch.adaptive.max_global ({a.max_global}) is not a multiple of "
+                          f"batch.per_worker ({b.per_worker})")
 
 
 # ---------------------------------------------------------------------------------- loading

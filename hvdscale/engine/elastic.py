@@ -56,6 +56,9 @@ def check_elastic(cfg, *, stop_after_steps=None, no_horovod=False):
     if BACKENDS.get(cfg.framework).horovod is None:
         raise ConfigError(f"--elastic needs Horovod, which the {cfg.framework} backend does "
                           f"not use")
+    if cfg.batch.adaptive.enabled:
+        raise ConfigError("batch.adaptive does not run with --elastic yet (a world change "
+                          "would reset the decided global batch)")
     if cfg.horovod.adasum:
         raise ConfigError("elastic training runs on Horovod's Gloo controller: horovod.adasum "
                           "(which needs MPI on CPUs) is not supported with --elastic")

@@ -94,6 +94,7 @@ class Engine:
         b = cfg.batch
         self.per_step = b.per_worker * b.accumulation            # examples per rank per step
         self.global_batch = comm.size * self.per_step
+        self.recipe_global_batch = self.global_batch   # a callback may change global_batch
         self._plan(self.global_batch, self.batches.steps_per_epoch)
         # elastic: the world the schedule is planned for, the LR factor of the current one
         self.reference_workers, self.lr_scale = comm.size, 1.0
@@ -120,9 +121,12 @@ class Engine:
         self.nonfinite = NonFiniteGuard(cfg.faults.nonfinite, comm, self.echo)
         self.watchdog = (Watchdog(cfg.faults.step_timeout_s, comm.rank)
                          if cfg.faults.step_timeout_s else None)
-        self.callbacks = CallbackList([SlowSettingsCallback(), ProgressCallback(),
-                                       TensorBoardCallback(), StepCurvesCallback(),
-                                       MetricsFailureCallback(), ReportCallback(), *callbacks])
+        builtin = [SlowSettingsCallback(), ProgressCallback(), TensorBoardCallback(),
+                   StepCurvesCallback(), MetricsFailureCallback(), ReportCallback()]
+        if cfg.batch.adaptive.enabled:       # grows the batch: hvdscale/engine/adaptive.py
+            from hvdscale.engine.adaptive import AdaptiveBatch
+            builtin.append(AdaptiveBatch(cfg, comm.size))
+        self.callbacks = CallbackList([*builtin, *callbacks])
         self.stop_requested = False  # set by a callback (request_stop): end after this step
 
     def request_stop(self):
@@ -144,6 +148,7 @@ class Engine:
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
         self.total_steps = max(1, total)
+        self.epoch_examples = global_batch * steps_per_epoch
         self.lr = plan_lr(cfg, global_batch, steps_per_epoch, self.total_steps)
         if self.lr.warmup_steps >= self.total_steps:
             raise ConfigError(f"warm-up ({self.lr.warmup_steps} steps) is not shorter than "
@@ -189,11 +194,12 @@ class Engine:
                                   f"{per_step} examples per rank and step in its recipe, "
                                   f"this run {self.per_step}", setting="checkpoint")
             self.reference_workers = int(meta.get("reference_workers", meta["workers"]))
-        elif meta.get("global_batch") != self.global_batch or \
-                meta.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ConfigError(f"checkpoint has global batch {meta.get('global_batch')} "
+        elif meta.get("recipe_global_batch", meta.get("global_batch")) != \
+                self.recipe_global_batch or meta.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ConfigError(f"checkpoint has global batch "
+                              f"{meta.get('recipe_global_batch', meta.get('global_batch'))} "
                               f"and {meta.get('steps_per_epoch')} steps/epoch, this run "
-                              f"{self.global_batch} and {self.steps_per_epoch}",
+                              f"{self.recipe_global_batch} and {self.steps_per_epoch}",
                               setting="checkpoint")
         changed = check_resume(meta, self.cfg.to_dict())     # refuses what cannot change
         try:
@@ -297,6 +303,7 @@ class Engine:
         "done" | "target" | "paused" | "preempted"."""
         while self.step < self.total_steps:
             epoch, start = self._position()
+            source = self.batches        # a callback may swap it (batch.adaptive)
             for batch in self.backend.device_batches(self.batches.epoch(epoch, start)):
                 self._train_one(batch)
                 self.examples += self.global_batch
@@ -327,6 +334,8 @@ class Engine:
                     return ending
                 if self.elastic and self.step % self.cfg.elastic.commit_every == 0:
                     self._commit()       # may raise HostsUpdatedInterrupt (Horovod resets)
+                if self.batches is not source:
+                    break                # new per-rank batch: restart at the same example
         return "done"
 
     def _position(self):
@@ -396,7 +405,7 @@ class Engine:
         self._loss_sum, self._loss_n = 0.0, 0
         accuracy = float(totals[0]) / max(1, int(totals[1]))
         self.last_accuracy = accuracy
-        epoch = self.step / self.steps_per_epoch
+        epoch = self.examples / self.epoch_examples     # the batch may have changed
         self.tracker.observe(self.step, accuracy, self.train_time, epoch=epoch)
         ips = self._images_per_sec()
         record = {
@@ -444,6 +453,7 @@ class Engine:
         meta = {
             "framework": self.backend.framework, "workers": self.comm.size,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+            "recipe_global_batch": self.recipe_global_batch,
             "epoch": self.step // self.steps_per_epoch,
             "step_in_epoch": self.step % self.steps_per_epoch,
             "train_time_s": self.train_time, "last_accuracy": self.last_accuracy,
@@ -576,8 +586,8 @@ class Engine:
             "hardware": self.hardware, "model": self.cfg.model.name,
             "optimizer": self.backend.optimizer_name, "workers": k,
             "global_batch": self.global_batch, "per_worker_batch": self.cfg.batch.per_worker,
-            "accumulation": self.cfg.batch.accumulation, "steps": self.step,
-            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "accumulation": self.per_step // self.cfg.batch.per_worker, "steps": self.step,
+            "epochs": round(self.examples / self.epoch_examples, 4),
             "base_lr": self.lr.base_lr, "peak_lr": self.lr.peak_lr,
             "warmup_steps": self.lr.warmup_steps,
             "final_test_accuracy": self.last_accuracy, "best_test_accuracy": self.tracker.best,

@@ -92,6 +92,11 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                              file=stream or sys.stderr, leave=False)
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (batch.adaptive takes fewer, larger steps)."""
+        if self._bar is not None and self._bar.total != total:
+            self._bar.total = total
+
     def update(self, loss: Optional[float], lr: float) -> None:
         if self._bar is not None:
             self._bar.update(1)
@@ -191,6 +196,7 @@ class ProgressCallback(Callback):
     def on_step_end(self, engine):
         lr = engine.lr.schedule(engine.step - 1)
         if self._lines is not None:
+            self._lines.total = engine.total_steps     # batch.adaptive may shorten the run
             if self._lines.due(engine.step) and engine.step < engine.total_steps:
                 rate = self._lines.window_rate(engine.timed_steps, engine.timed_time,
                                                engine.global_batch)
@@ -198,6 +204,7 @@ class ProgressCallback(Callback):
                                                    engine.step / engine.steps_per_epoch,
                                                    self._loss, lr, rate))
         elif self._bar is not None:
+            self._bar.set_total(engine.total_steps)
             self._bar.update(self._loss, lr)
 
     def on_evaluate(self, engine, record):

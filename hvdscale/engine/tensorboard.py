@@ -81,6 +81,11 @@ class TensorBoardCallback(Callback):
                 if record.get(tag) is not None:
                     self._writer.scalar(tag, record[tag], engine.step)
 
+    def scalar(self, tag, value, step):
+        """One more scalar, for other callbacks (e.g. batch.adaptive's decisions); rank 0."""
+        if self._writer is not None:
+            self._writer.scalar(tag, value, step)
+
     def on_run_end(self, engine, ending, summary):
         if self._writer is not None:
             self._writer.close()

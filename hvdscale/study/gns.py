@@ -55,6 +55,17 @@ class OnlineNoiseScale:
         return cls(every, ema, per_worker // split, accumulation * split, workers,
                    average_across_workers)
 
+    def set_accumulation(self, per_worker, accumulation, workers):
+        """The batch changed (adaptive batch, elastic world): the small and big gradients'
+        sizes follow; the averages carry on (|G|^2 and tr(Sigma) do not depend on them)."""
+        split = split_for_estimate(workers, accumulation)
+        if per_worker % split:
+            raise ConfigError(f"noise scale on one worker splits the batch in {split}; "
+                              f"batch.per_worker={per_worker} is not divisible")
+        self.b_small, self.b_big = data_parallel_batches(per_worker // split, workers,
+                                                         accumulation * split)
+        self.micro_batches = accumulation * split
+
     def due(self, step):
         return is_due(step, self.every)
 
@@ -80,11 +91,13 @@ class OnlineNoiseScale:
         return self.last
 
     def state_dict(self):
-        return {"estimator": self.estimator.state_dict(), "steps": self.steps}
+        return {"estimator": self.estimator.state_dict(), "steps": self.steps,
+                "last": self.last}
 
     def load_state_dict(self, state):
         self.estimator.load_state_dict(state["estimator"])
         self.steps = int(state["steps"])
+        self.last = state.get("last")
 
 
 def from_config(noise_cfg, batch_cfg, comm):

@@ -50,3 +50,9 @@ class TFNoiseScale:
 
     def record(self, local_sq_norms, global_sq_norm):
         return self.online.record([float(v) for v in local_sq_norms], float(global_sq_norm))
+
+    def state_dict(self):
+        return self.online.state_dict()
+
+    def load_state_dict(self, state):
+        self.online.load_state_dict(state)

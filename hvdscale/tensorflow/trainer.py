@@ -465,6 +465,9 @@ class TensorFlowTrainer:
         import dataclasses
         self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
             self.cfg.batch, accumulation=passes))
+        if self.noise_scale is not None:      # its small/big batch sizes follow
+            self.noise_scale.online.set_accumulation(self.cfg.batch.per_worker, passes,
+                                                     self.comm.size)
         if passes > 1 and not hasattr(self, "_accumulators"):
             self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
                                   for v in self.variables]

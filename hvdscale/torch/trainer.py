@@ -410,5 +410,8 @@ class TorchTrainer:
         import dataclasses
         self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
             self.cfg.batch, accumulation=passes))
+        if self.noise_scale is not None:      # its small/big batch sizes follow
+            self.noise_scale.online.set_accumulation(self.cfg.batch.per_worker, passes,
+                                                     self.comm.size)
         if hasattr(self.optimizer, "set_backward_passes_per_step"):
             self.optimizer.set_backward_passes_per_step(passes)
