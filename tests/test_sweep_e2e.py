@@ -60,7 +60,9 @@ def test_tiny_study_end_to_end(tmp_path):
         assert n["probes"][0]["over_training"]
     for name in ("report.md", "steps_vs_batch.png", "accuracy_vs_batch.png", "noise_scale.png"):
         assert (out / name).stat().st_size > 0
-    assert "Positive control" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Positive control" in text and "lars, scaled: b_max" in text
+    assert set(payload["limit"]["lars"]) == {"scaled", "tuned"}
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -189,6 +189,7 @@ def noise_summary(runs, info, bootstrap=300, noise_window=0.25):
     their ratio."""
     by_seed = measurement_points(runs, info["optimizer"], "tuned")
     b_crit = b_crit_fit_forms(by_seed, replicates=bootstrap)
+    fit = fit_tradeoff([p for pts in by_seed.values() for p in pts])
     readings = [(w["offset"], w["b_simple"] if w["b_simple"] is not None else math.inf)
                 for p in info["probes"] for w in p.get("window", [])]
     seeds = [p["seed"] for p in info["probes"] for _ in p.get("window", [])]
@@ -204,6 +205,7 @@ def noise_summary(runs, info, bootstrap=300, noise_window=0.25):
         ratio_ci = [noise.ci_low / b_crit["ci_high"], noise.ci_high / b_crit["ci_low"]]
     return {"b_crit": {k: b_crit[k] for k in ("estimate", "ci_low", "ci_high")},
             "b_crit_fits": b_crit["fits"],
+            "s_min": fit.s_min if fit else None, "e_min": fit.e_min if fit else None,
             "b_noise": dict(_as_dict(noise) or {"estimate": None, "ci_low": None,
                                                 "ci_high": None},
                             window=noise_window, snapshots=len(readings)),
@@ -229,4 +231,35 @@ def analyse_study(runs, infos, bootstrap=300, noise_window=0.25):
             control = {"optimizer": opt, "protocol": "scaled", "batch": b,
                        "drop_pp": s["drop_pp"][str(b)]}
             break
-    return {"summary": summary, "positive_control": control, "noise": noise}
+    return {"summary": summary, "positive_control": control, "noise": noise,
+            "limit": limit_verdict(runs, summary)}
+
+
+PUSH_FACTOR = 4          # "LARS/LAMB push the limit": b_max at least this times SGD's ...
+
+
+def limit_verdict(runs, summary, level: float = 0.95) -> dict:
+    """Issue 21 item 4, per layer-wise optimizer and protocol: its b_max against SGD's, and at
+    its b_max the test-accuracy difference to SGD (pp, optimizer - SGD) with Welch's interval.
+    `pushes_limit` is True only when b_max >= 4x SGD's and that interval lies above 0 (under
+    "scaled" this is the claim; under "tuned" it says whether the gap survives tuning)."""
+    if "sgd" not in summary:
+        return {}
+    out = {}
+    for opt in summary:
+        if opt == "sgd":
+            continue
+        out[opt] = {}
+        for protocol in summary[opt]:
+            mine, base = summary[opt][protocol], summary["sgd"][protocol]
+            batch = mine["b_max"]
+            a = [100.0 * v for v in accuracy_by_batch(runs, opt, protocol).get(batch, [])]
+            b = [100.0 * v for v in accuracy_by_batch(runs, "sgd", protocol).get(batch, [])]
+            diff = welch_interval(a, b, level) if len(a) >= 2 and len(b) >= 2 else None
+            ratio = batch / base["b_max"]
+            out[opt][protocol] = {
+                "b_max": batch, "sgd_b_max": base["b_max"], "ratio": ratio,
+                "diff_pp": _as_dict(diff),
+                "pushes_limit": bool(ratio >= PUSH_FACTOR and diff is not None
+                                     and diff.ci_low > 0)}
+    return out

@@ -46,7 +46,7 @@ def render(payload, plots):
             cells = []
             for b in batches:
                 acc, drop = s["accuracy_pct"].get(str(b)), s["drop_pp"].get(str(b))
-                cells.append(_ci(acc, 2) + ("" if drop is None else f"; -{_ci(drop, 2)}"))
+                cells.append(_ci(acc, 2) + ("" if drop is None else f"; drop {_ci(drop, 2)}"))
             lines.append(f"| {opt} | {p} | {s['b_max']} | " + " | ".join(cells) + " |")
     pc = payload["positive_control"]
     lines += ["", "Positive control: " + ("none: the range or budget cannot show the effect"
@@ -58,6 +58,14 @@ def render(payload, plots):
     for opt, n in payload["noise"].items():
         lines.append(f"| {opt} | {_ci(n['b_crit'])} | {_ci(n['b_noise'])} | "
                      f"{_fmt(n['predicted_over_measured'], 2)} |")
+    lines += ["", "Do LARS/LAMB push the limit (b_max >= 4x SGD's and, at that batch, a test-"
+              "accuracy gain over SGD whose 95 % interval excludes 0)?", ""]
+    for opt, by in payload.get("limit", {}).items():
+        for p, v in by.items():
+            lines.append(f"- {opt}, {p}: b_max {v['b_max']} vs SGD {v['sgd_b_max']} "
+                         f"({v['ratio']:g}x), difference at {v['b_max']}: "
+                         f"{_ci(v['diff_pp'], 2)} pp -> "
+                         f"{'yes' if v['pushes_limit'] else 'no'}")
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
 
@@ -94,6 +102,14 @@ def write_plots(payload, out):
                 (r["protocol"] == "tuned" or r["batch"] == min(payload["design"]["batch_sizes"])):
             ax.plot(r["batch"], r["steps_to_target"], "o", alpha=0.6,
                     color=COLORS.get(r["optimizer"]))
+    bs = sorted(payload["design"]["batch_sizes"])
+    for opt, n in payload["noise"].items():
+        if n.get("s_min") and n.get("e_min"):      # S(B) = S_min + E_min / B
+            xs = [bs[0] * (bs[-1] / bs[0]) ** (k / 50) for k in range(51)]
+            ax.plot(xs, [n["s_min"] + n["e_min"] / b for b in xs], "-",
+                    color=COLORS.get(opt), label=f"{opt} fit")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global batch")
