@@ -136,11 +136,14 @@ def show_plan(settings):
     """Time a pilot (a few steps per batch size, first recipe) and print the plan's size."""
     from hvdscale.study import sweep, timing
 
+    import tempfile
+
     load_start = _load()
-    study = sweep.Study(settings, "/tmp/hvdscale-sweep-plan", log=lambda m: None)
-    n_train = len(study.data[0])
     start = time.time()
-    costs = timing.measure_costs(study, settings.recipes[0])
+    with tempfile.TemporaryDirectory(prefix="hvdscale-sweep-plan-") as tmp:
+        study = sweep.Study(settings, tmp, log=lambda m: None)
+        n_train = len(study.data[0])
+        costs = timing.measure_costs(study, settings.recipes[0])
     runs = [r for recipe in settings.recipes
             for r in sweep.plan(settings, sweep.read_setting(recipe), n_train)]
     est = timing.estimate(runs, costs, settings.evals_per_run, settings.jobs)
