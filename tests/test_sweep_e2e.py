@@ -90,3 +90,12 @@ def test_bad_input_is_one_line(args, needle):
     proc = _sweep(*args, timeout=60)
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_only_refuses_an_old_results_file(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "settings_results": [],
+                                                       "runs": []}))
+    proc = _sweep("--report-only", "--out", tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "layout from before issue 21" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -406,9 +406,13 @@ def load_results(out_dir):
     if not path.is_file():
         raise ConfigError(f"no {RESULTS_FILE} in {out_dir}: run the sweep first")
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+    if not isinstance(payload, dict) or "design" not in payload:
+        raise ConfigError(f"{path} has the layout from before issue 21 (no 'design'): run the "
+                          f"sweep again to regenerate it")
+    return payload
 
 
 def settings_dict(settings):
