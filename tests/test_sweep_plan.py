@@ -95,10 +95,11 @@ def test_plan_counts_and_the_wall_estimate():
     assert len(runs) == 6 + 9 + 14
     costs = {64: {"step_s": 0.002, "eval_s": 0.1}, 256: {"step_s": 0.005, "eval_s": 0.1},
              1024: {"step_s": 0.02, "eval_s": 0.1}}
-    est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2)
+    est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2, test_passes=2.0)
     by_batch = {64: 6 + 3, 256: 3 + 7, 1024: 3 + 7}
     steps = {b: 2 * (55000 // b) for b in by_batch}
-    cpu = sum(n * (steps[b] * costs[b]["step_s"] + 17 * 0.1) for b, n in by_batch.items())
+    # 16 evaluations along the run, one at its end, the test pass as two validation passes
+    cpu = sum(n * (steps[b] * costs[b]["step_s"] + 19 * 0.1) for b, n in by_batch.items())
     assert est["runs"] == 29 and est["cpu_s"] == pytest.approx(cpu)
     assert est["wall_s"] == pytest.approx(cpu)          # one optimizer: one process busy
 

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,8 +137,6 @@ def show_plan(settings):
     """Time a pilot (a few steps per batch size, first recipe) and print the plan's size."""
     from hvdscale.study import sweep, timing
 
-    import tempfile
-
     load_start = _load()
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="hvdscale-sweep-plan-") as tmp:
@@ -146,7 +145,9 @@ def show_plan(settings):
         costs = timing.measure_costs(study, settings.recipes[0])
     runs = [r for recipe in settings.recipes
             for r in sweep.plan(settings, sweep.read_setting(recipe), n_train)]
-    est = timing.estimate(runs, costs, settings.evals_per_run, settings.jobs)
+    train, val, test = study.data
+    est = timing.estimate(runs, costs, settings.evals_per_run, settings.jobs,
+                          test_passes=len(test) / len(val))
     counts = {}
     for r in runs:
         key = f"{r['setting']} {r['protocol']}/{r['role']}"

@@ -52,15 +52,17 @@ def measure_costs(study, recipe: str, steps: int = 12, eval_every: int = 3) -> D
 
 
 def estimate(runs: List[dict], costs: Dict[int, dict], evals_per_run: int, jobs: int,
-             cores: int = None) -> dict:
-    """CPU seconds of every planned run (steps x step cost + evaluations x their cost), and
-    the wall time with min(jobs, cores) processes busy (one optimizer per process: the wall
-    is at least the slowest optimizer's total)."""
+             cores: int = None, test_passes: float = 2.0) -> dict:
+    """CPU seconds of every planned run (steps x step cost + evaluations x their cost, the
+    final test pass counted as `test_passes` validation passes: 10000 test images against 5000
+    validation ones), and the wall time with min(jobs, cores) processes busy (one optimizer
+    per process: the wall is at least the slowest optimizer's total). Not counted: each run's
+    start-up and the noise probes at B_ref."""
     cores = cores or os.cpu_count() or 1
     per_setting = {}
     for r in runs:
         c = costs[r["batch"]]
-        cpu = r["steps"] * c["step_s"] + (evals_per_run + 1) * c["eval_s"]
+        cpu = r["steps"] * c["step_s"] + (evals_per_run + 1 + test_passes) * c["eval_s"]
         per_setting[r["setting"]] = per_setting.get(r["setting"], 0.0) + cpu
     total = sum(per_setting.values())
     parallel = max(1, min(jobs, cores, len(per_setting)))
