@@ -93,13 +93,15 @@ def test_plan_counts_and_the_wall_estimate():
     runs = sweep.plan(settings, sweep.read_setting(RECIPES["lars"]), 55000)
     # settle: 3 lrs x 2 trust coefficients; scaled: 3 batches x 3 seeds; tuned: 2 x (4 + 3)
     assert len(runs) == 6 + 9 + 14
-    costs = {64: {"step_s": 0.002, "eval_s": 0.1}, 256: {"step_s": 0.005, "eval_s": 0.1},
-             1024: {"step_s": 0.02, "eval_s": 0.1}}
-    est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2, test_passes=2.0)
+    costs = {b: {"step_s": step, "eval_s": 0.1, "run_s": 0.5, "probe_s": 0.3}
+             for b, step in ((64, 0.002), (256, 0.005), (1024, 0.02))}
+    est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2,
+                          probes_per_setting=sweep.probes_planned(settings))
     by_batch = {64: 6 + 3, 256: 3 + 7, 1024: 3 + 7}
     steps = {b: 2 * (55000 // b) for b in by_batch}
-    # 16 evaluations along the run, one at its end, the test pass as two validation passes
-    cpu = sum(n * (steps[b] * costs[b]["step_s"] + 19 * 0.1) for b, n in by_batch.items())
+    # 16 evaluations and the rest of each run; 32 snapshots x 3 seeds probed at most
+    cpu = sum(n * (steps[b] * costs[b]["step_s"] + 16 * 0.1 + 0.5)
+              for b, n in by_batch.items()) + 96 * 0.3
     assert est["runs"] == 29 and est["cpu_s"] == pytest.approx(cpu)
     assert est["wall_s"] == pytest.approx(cpu)          # one optimizer: one process busy
 

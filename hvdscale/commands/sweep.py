@@ -145,9 +145,8 @@ def show_plan(settings):
         costs = timing.measure_costs(study, settings.recipes[0])
     runs = [r for recipe in settings.recipes
             for r in sweep.plan(settings, sweep.read_setting(recipe), n_train)]
-    train, val, test = study.data
     est = timing.estimate(runs, costs, settings.evals_per_run, settings.jobs,
-                          test_passes=len(test) / len(val))
+                          probes_per_setting=sweep.probes_planned(settings))
     counts = {}
     for r in runs:
         key = f"{r['setting']} {r['protocol']}/{r['role']}"
@@ -157,6 +156,8 @@ def show_plan(settings):
               "processes": est["processes"],
               "per_step_s": {b: round(c["step_s"], 5) for b, c in costs.items()},
               "per_eval_s": {b: round(c["eval_s"], 4) for b, c in costs.items()},
+              "per_run_rest_s": {b: round(c["run_s"], 3) for b, c in costs.items()},
+              "per_probe_s": round(next(iter(costs.values()))["probe_s"], 3),
               "pilot_s": round(time.time() - start, 1), "load_start": load_start,
               "load_end": _load(), "cores": os.cpu_count()}
     print(json.dumps(report))

@@ -296,16 +296,13 @@ class Study:
         """Frozen-weights probes at the snapshots within the noise window around this seed's
         target (B_noise is their median over the seeds), and for the first seed at every
         snapshot (the noise-over-training plot)."""
-        import torch
         import torch.nn.functional as F
 
         from hvdscale.study.probe import probe_noise_scale
         from hvdscale.torch.models import build_model
 
         s = self.s
-        train = self.data[0]
-        x = torch.from_numpy(train.x).permute(0, 3, 1, 2)      # NHWC arrays, NCHW model input
-        y = torch.from_numpy(train.y)
+        x, y = probe_inputs(self.data[0])
         model = build_model(setting.model, 10, x.shape[1], x.shape[-1])
         entry = {"seed": seed, "online_trace": res.online_noise,
                  "steps_to_target": res.steps_to_target, "window": [], "over_training": []}
@@ -353,6 +350,19 @@ class Study:
                 self.cpu_s += cpu_s
         self.wall_s = time.time() - start
         return self.runs
+
+
+def probe_inputs(train):
+    """The training split as torch tensors for the noise probe: NHWC arrays, NCHW model input
+    (the model flattens in (H, W, C) order, as the trainer feeds it)."""
+    import torch
+    return torch.from_numpy(train.x).permute(0, 3, 1, 2), torch.from_numpy(train.y)
+
+
+def probes_planned(settings) -> int:
+    """Noise probes per optimizer, at most: every snapshot of the first seed's B_ref run, and
+    the window snapshots of the others (bounded here by all of theirs)."""
+    return settings.snapshots_per_run * len(settings.seeds)
 
 
 def choose_on_validation(records):

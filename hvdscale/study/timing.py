@@ -29,41 +29,65 @@ def _median(values):
 
 
 def measure_costs(study, recipe: str, steps: int = 12, eval_every: int = 3) -> Dict[int, dict]:
-    """Per batch size: seconds per training step and per validation evaluation, from one
-    short Engine run each (`steps` steps, an evaluation every `eval_every`). The intervals
-    between step ends that contain an evaluation give its cost; the others the step's."""
+    """Per batch size, in seconds: a training step (`step_s`), a validation evaluation
+    (`eval_s`), and the rest of a run (`run_s`: building the trainer and sources, the last
+    evaluation, the final test pass), from one short Engine run each (`steps` steps, an
+    evaluation every `eval_every`); and one frozen-weights noise probe (`probe_s`, the same
+    for every batch). The intervals between step ends that contain an evaluation give its
+    cost, the others the step's."""
+    import torch.nn.functional as F
+
     from hvdscale.study.engine_run import run_with_engine
-    from hvdscale.study.sweep import read_setting
+    from hvdscale.study.probe import probe_noise_scale
+    from hvdscale.study.sweep import probe_inputs, read_setting
+    from hvdscale.torch.models import build_model
 
     setting = read_setting(recipe)
     train, val, test = study.data
+    s = study.s
+    x, y = probe_inputs(train)
+    model = build_model(setting.model, 10, x.shape[1], x.shape[-1])
+    start = time.perf_counter()
+    probe_noise_scale(model, F.cross_entropy, x, y, micro=s.probe_micro, count=s.probe_count)
+    probe_s = time.perf_counter() - start
     costs = {}
-    for batch in study.s.batch_sizes:
+    for batch in s.batch_sizes:
         clock = _Clock()
-        cfg = study.config(setting, batch, setting.base_lr, study.s.tune_seed,
+        cfg = study.config(setting, batch, setting.base_lr, s.tune_seed,
                            max_steps=steps, eval_every=eval_every)
-        run_with_engine(cfg, train, val, test, callbacks=[clock])
+        res = run_with_engine(cfg, train, val, test, callbacks=[clock])
         plain, with_eval = [], []
         for a, b in zip(clock.steps[1:], clock.steps[2:]):     # the first step warms up
             (with_eval if any(a < e < b for e in clock.evals) else plain).append(b - a)
         step_s = _median(plain)
-        costs[batch] = {"step_s": step_s, "eval_s": max(0.0, _median(with_eval) - step_s)}
+        eval_s = max(0.0, _median(with_eval) - step_s)
+        inner = len(clock.steps) * step_s + (len(clock.evals) - 1) * eval_s
+        costs[batch] = {"step_s": step_s, "eval_s": eval_s,
+                        "run_s": max(0.0, res.wall_s - inner), "probe_s": probe_s}
+    # the rest of a run hardly depends on the batch; the first run also pays one-off imports
+    # and warm-up, so the smallest reading stands for all
+    rest = min(c["run_s"] for c in costs.values())
+    for c in costs.values():
+        c["run_s"] = rest
     return costs
 
 
 def estimate(runs: List[dict], costs: Dict[int, dict], evals_per_run: int, jobs: int,
-             cores: int = None, test_passes: float = 2.0) -> dict:
-    """CPU seconds of every planned run (steps x step cost + evaluations x their cost, the
-    final test pass counted as `test_passes` validation passes: 10000 test images against 5000
-    validation ones), and the wall time with min(jobs, cores) processes busy (one optimizer
-    per process: the wall is at least the slowest optimizer's total). Not counted: each run's
-    start-up and the noise probes at B_ref."""
+             cores: int = None, probes_per_setting: int = 0) -> dict:
+    """Seconds of every planned run (steps x step cost + evaluations x their cost + the rest
+    of a run) plus `probes_per_setting` noise probes per optimizer, summed per optimizer; the
+    wall time with min(jobs, cores) processes busy (one optimizer per process: the wall is at
+    least the slowest optimizer's total). Costs measured on a loaded machine include the load
+    at the time."""
     cores = cores or os.cpu_count() or 1
     per_setting = {}
     for r in runs:
         c = costs[r["batch"]]
-        cpu = r["steps"] * c["step_s"] + (evals_per_run + 1 + test_passes) * c["eval_s"]
+        cpu = r["steps"] * c["step_s"] + evals_per_run * c["eval_s"] + c.get("run_s", 0.0)
         per_setting[r["setting"]] = per_setting.get(r["setting"], 0.0) + cpu
+    probe_s = max((c.get("probe_s", 0.0) for c in costs.values()), default=0.0)
+    for name in per_setting:
+        per_setting[name] += probes_per_setting * probe_s
     total = sum(per_setting.values())
     parallel = max(1, min(jobs, cores, len(per_setting)))
     wall = max(total / parallel, max(per_setting.values(), default=0.0))
