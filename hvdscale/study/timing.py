@@ -28,7 +28,7 @@ def _median(values):
     return v[len(v) // 2] if v else 0.0
 
 
-def measure_costs(study, recipe: str, steps: int = 12, eval_every: int = 3) -> Dict[int, dict]:
+def measure_costs(study, recipe: str, steps: int = 24, eval_every: int = 4) -> Dict[int, dict]:
     """Per batch size, in seconds: a training step (`step_s`), a validation evaluation
     (`eval_s`), and the rest of a run (`run_s`: building the trainer and sources, the last
     evaluation, the final test pass), from one short Engine run each (`steps` steps, an
