@@ -68,7 +68,8 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_plan_prints_the_runs_and_a_timed_estimate(tmp_path):
     proc = _sweep("pipelines/sweep_sgd.yaml", "pipelines/sweep_lamb.yaml", "--batch-sizes",
                   "32,128", "--target", "0.8", "--epochs", "3", "--seeds", "1,2,3",
-                  "--train-limit", "1024", "--validation", "500", "--plan", "--out",
+                  "--train-limit", "1024", "--validation", "500", "--probe", "16x16",
+                  "--plan", "--out",
                   tmp_path / "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -110,6 +110,7 @@ def test_bad_settings_are_refused():
     base = dict(recipes=[RECIPES["sgd"]], batch_sizes=[64, 256], target=0.8)
     for kw, needle in (({"lr_factors": [0.5, 1, 2]}, ">= 4 learning rates"),
                        ({"seeds": [0, 1]}, "fresh seeds"), ({"target": 1.5}, "--target"),
-                       ({"batch_sizes": [64, 60000]}, "larger than the training split")):
+                       ({"batch_sizes": [64, 60000]}, "larger than the training split"),
+                       ({"train_limit": 1024}, "--probe 64x32 needs 2048")):
         with pytest.raises(ConfigError, match=needle):
             sweep.check(sweep.StudySettings(**{**base, **kw}))

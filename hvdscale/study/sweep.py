@@ -122,6 +122,10 @@ def check(settings):
     if max(settings.batch_sizes) > n:
         raise ConfigError(f"batch size {max(settings.batch_sizes)} is larger than the training "
                           f"split ({n} images)")
+    if settings.probe_count * settings.probe_micro > n:      # checked now, not after the runs
+        raise ConfigError(f"--probe {settings.probe_count}x{settings.probe_micro} needs "
+                          f"{settings.probe_count * settings.probe_micro} training images, the "
+                          f"training split has {n}")
     if not 0 <= settings.warmup_fraction < 1:
         raise ConfigError(f"--warmup-fraction must be in [0, 1), got {settings.warmup_fraction}")
     labels = [read_setting(r).label for r in settings.recipes]
