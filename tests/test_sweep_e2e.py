@@ -57,7 +57,7 @@ def test_tiny_study_end_to_end(tmp_path):
                 assert sorted(values) == sorted(mine) and len(values) == 2
         n = payload["noise"][opt]
         assert set(n["b_crit"]) == {"estimate", "ci_low", "ci_high"}
-        assert n["probes"][0]["over_training"]
+        assert n["probes"][0]["over_training"] and n["probes"][0]["online_trace"]
     for name in ("report.md", "steps_vs_batch.png", "accuracy_vs_batch.png", "noise_scale.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()

@@ -44,6 +44,8 @@ def add_arguments(parser):
                              "seed's steps to target")
     parser.add_argument("--snapshots", type=int, default=d.snapshots_per_run,
                         help="weight snapshots along each B_ref measurement run")
+    parser.add_argument("--noise-every", type=int, default=d.noise_every,
+                        help="online noise-scale EMA every N steps on the B_ref runs (0 = off)")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="use only the first N images of the training split")
     parser.add_argument("--test-limit", type=int, default=None)
@@ -100,6 +102,7 @@ def settings_from_args(args):
                              ("--evals-per-run", args.evals_per_run, 2),
                              ("--probe count", count, 2), ("--probe micro", micro, 1),
                              ("--snapshots", args.snapshots, 2), ("--threads", args.threads, 1),
+                             ("--noise-every", args.noise_every, 0),
                              ("--jobs", args.jobs, 1), ("--bootstrap", args.bootstrap, 10)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -114,6 +117,7 @@ def settings_from_args(args):
         warmup_fraction=args.warmup_fraction, evals_per_run=args.evals_per_run,
         validation=args.validation, probe_micro=micro, probe_count=count,
         snapshots_per_run=args.snapshots, noise_window=args.noise_window,
+        noise_every=args.noise_every,
         train_limit=args.train_limit, test_limit=args.test_limit, data_root=args.data_root,
         threads=args.threads, jobs=args.jobs, bootstrap=args.bootstrap)
     check(settings)

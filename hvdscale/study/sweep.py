@@ -55,6 +55,7 @@ class StudySettings:
     probe_micro: int = 32
     probe_count: int = 64
     snapshots_per_run: int = 32      # snapshots along each B_ref measurement run
+    noise_every: int = 5             # online noise-scale reading every N steps on those runs
     noise_window: float = 0.25       # B_noise window: +- this fraction of the steps to target
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -209,7 +210,7 @@ class Study:
         return self._data
 
     def config(self, setting: Setting, batch, lr, seed, options=None, max_steps=None,
-               eval_every=None):
+               eval_every=None, noise_every=0):
         """The hvdscale Config of one run: the recipe with the study's batch, lr (reference =
         batch, so the engine applies it as given), budget, warm-up, evaluation cadence, seed."""
         from hvdscale.config import load_config
@@ -223,7 +224,8 @@ class Study:
             f"train.eval_every_steps={every}", "train.eval_every_epochs=null",
             f"train.target_accuracy={s.target!r}", f"train.threads={s.threads}",
             f"lr.warmup_epochs={s.warmup_fraction * s.epochs!r}", "lr.warmup_steps=null",
-            "checkpoint.every_epochs=null", "faults.step_timeout_s=null"]
+            "checkpoint.every_epochs=null", "faults.step_timeout_s=null",
+            f"noise_scale.every={noise_every}"]
         if max_steps:        # a timing run: a few steps, no warm-up to fit into them
             overrides += [f"train.max_steps={max_steps}", "lr.warmup=none"]
         for name, value in (options or {}).items():
@@ -234,7 +236,9 @@ class Study:
     def _run(self, setting, protocol, role, batch, lr, seed, options, snapshot_every=0):
         from hvdscale.study.engine_run import CHANCE, run_with_engine
 
-        cfg = self.config(setting, batch, lr, seed, options)
+        # the online noise-scale EMA beside the probes: on the runs that keep snapshots
+        cfg = self.config(setting, batch, lr, seed, options,
+                          noise_every=self.s.noise_every if snapshot_every else 0)
         train, val, test = self.data
         res = run_with_engine(cfg, train, val, test, snapshot_every=snapshot_every)
         diverged = res.status == "diverged"
