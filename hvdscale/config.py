@@ -69,6 +69,10 @@ class DataConfig:
                                     why="must be 1 or 3")
     train_limit: Optional[int] = _spec(None, int, nullable=True, check=_positive, why="must be > 0")
     test_limit: Optional[int] = _spec(None, int, nullable=True, check=_positive, why="must be > 0")
+    # hold out this many training images (a fixed seed-0 draw) as the evaluation set: every
+    # evaluation of a run reads them, and the test set stays untouched (hvdscale sweep)
+    validation: Optional[int] = _spec(None, int, nullable=True, check=_positive,
+                                      why="must be > 0")
     skip_corrupt: bool = _spec(False, bool)
     decode: str = _spec("auto", str, choices=DECODERS)
 

@@ -184,7 +184,9 @@ for _name, _description, _min in (
         ("resnet8", "CIFAR ResNet-8 (He et al. 2016, 1 block per stage, option-A shortcuts)", 8),
         ("resnet20", "CIFAR ResNet-20 (3 blocks per stage)", 8),
         ("resnet50", "ImageNet ResNet-50 v1.5 (bottlenecks, stride in the 3x3 conv)", 8),
-        ("mlp", "flatten, 128 ReLU units, classifier: the cheap model of CPU sweeps", 1)):
+        ("mlp", "flatten, 128 ReLU units, classifier: the cheap model of CPU sweeps", 1),
+        ("mlp4", "flatten, 4 x 128 ReLU units, classifier: the study's model (hvdscale sweep)",
+         1)):
     # builders: each backend adds its own when it registers (register_backend)
     register_model(ModelInfo(_name, _description, {}, min_image_size=_min))
 

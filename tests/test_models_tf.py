@@ -24,7 +24,7 @@ SMALL = [  # (name, classes, channels, size)
     ("cnn", 10, 1, 28), ("cnn", 7, 3, 33),
     ("resnet8", 10, 3, 32), ("resnet8", 5, 1, 28),
     ("resnet20", 10, 3, 32), ("resnet20", 100, 3, 17),
-    ("mlp", 10, 1, 28),
+    ("mlp", 10, 1, 28), ("mlp4", 10, 1, 28),
 ]
 
 _BUILT = {}

@@ -77,6 +77,7 @@ def logits_both(t, k, x_nchw, training):
     ("cnn", 1, 28),
     ("cnn", 3, 15),          # odd size: both frameworks' pools must floor the same way
     ("mlp", 1, 28),
+    ("mlp4", 1, 28),
     ("resnet8", 3, 32),
     ("resnet8", 1, 15),      # odd size: strided convs must sample the same pixels
 ])

@@ -189,3 +189,49 @@ def test_window_interval_by_seed_covers_a_known_median():
         plain += p.ci_low <= 100.0 <= p.ci_high
         grouped += g.ci_low <= 100.0 <= g.ci_high
     assert grouped >= 85 and plain <= 75, (grouped, plain)
+
+
+def _runs(optimizer, protocol, acc_by_batch):
+    return [{"optimizer": optimizer, "protocol": protocol, "role": "measure", "batch": b,
+             "seed": k, "test_accuracy": a}
+            for b, values in acc_by_batch.items() for k, a in enumerate(values)]
+
+
+@pytest.mark.parametrize("lars_at_256, pushes", [
+    ([0.861, 0.863, 0.865], True),      # 4x SGD's b_max and 1.4 pp better than SGD there
+    ([0.850, 0.852, 0.854], False),     # 4x, but its own drop (1.0 pp) fails b_max at 256
+])
+def test_limit_verdict_needs_4x_and_an_interval_above_zero(lars_at_256, pushes):
+    from hvdscale.study.analysis import limit_verdict, protocol_summary
+
+    sgd = {64: [0.862, 0.864, 0.866], 128: [0.861, 0.863, 0.865], 256: [0.847, 0.849, 0.851]}
+    lars = {64: [0.862, 0.864, 0.866], 128: [0.861, 0.863, 0.865], 256: lars_at_256}
+    runs = _runs("sgd", "scaled", sgd) + _runs("lars", "scaled", lars)
+    summary = {o: {"scaled": protocol_summary(runs, o, "scaled")} for o in ("sgd", "lars")}
+    v = limit_verdict(runs, summary)["lars"]["scaled"]
+    assert v["sgd_b_max"] == 128          # SGD's drop at 256 is 1.5 pp
+    if pushes:
+        # equal n = 3 and equal s = 0.2 pp: Welch is the pooled t interval, df = 4
+        half = 2.776445 * 0.2 * math.sqrt(2 / 3)
+        assert v["b_max"] == 256 and v["ratio"] == 2
+        assert v["diff_pp"]["estimate"] == pytest.approx(1.4)
+        assert (v["diff_pp"]["ci_low"], v["diff_pp"]["ci_high"]) == \
+            pytest.approx((1.4 - half, 1.4 + half), abs=1e-5)
+        assert v["pushes_limit"] is False     # a clear gain, but only 2x: not the claim
+    else:
+        assert v["b_max"] == 128 and v["pushes_limit"] is False
+
+
+def test_limit_verdict_true_at_4x():
+    from hvdscale.study.analysis import limit_verdict, protocol_summary
+
+    sgd = {32: [0.862, 0.864, 0.866], 64: [0.861, 0.863, 0.865], 128: [0.840, 0.842, 0.844],
+           256: [0.820, 0.822, 0.824]}
+    lars = {32: [0.862, 0.864, 0.866], 64: [0.861, 0.863, 0.865], 128: [0.861, 0.863, 0.865],
+            256: [0.861, 0.863, 0.865]}
+    runs = _runs("sgd", "scaled", sgd) + _runs("lars", "scaled", lars)
+    summary = {o: {"scaled": protocol_summary(runs, o, "scaled")} for o in ("sgd", "lars")}
+    v = limit_verdict(runs, summary)["lars"]["scaled"]
+    assert (v["sgd_b_max"], v["b_max"], v["ratio"]) == (64, 256, 4)
+    assert v["diff_pp"]["estimate"] == pytest.approx(4.1)
+    assert v["pushes_limit"] is True

@@ -1,124 +1,116 @@
-"""The study's plan with a stand-in trainer whose steps-to-target are known: the learning rate
-is tuned per batch size around the scaled best of the previous one, the grid grows past an
-edge, a diverged run is never chosen, the measurement runs use fresh seeds, budgets are >= 3x
-the expected need, evaluation is fine enough, and bad settings are refused."""
+"""The study's plan (issue 21): protocol (a) uses exactly the scaling rule's lr from the lr
+settled at B_ref, protocol (b) tries >= 4 lrs per batch and chooses on validation only (test
+labels scrambled: the same choices), measurement runs use fresh seeds, every planned run is
+run, --plan's estimate is steps x measured cost, and bad settings are refused."""
 import math
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
 from hvdscale.errors import ConfigError  # noqa: E402
-from hvdscale.study import inproc, sweep  # noqa: E402
-from hvdscale.study.inproc import RunResult, crossing  # noqa: E402
+from hvdscale.study import sweep, timing  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 
-REPO_SGD = str(REPO / "pipelines" / "sweep_sgd.yaml")
-N = 60000
+DATA = REPO.parent / "nonexistent"
+RECIPES = {"sgd": str(REPO / "pipelines" / "sweep_sgd.yaml"),
+           "lars": str(REPO / "pipelines" / "sweep_lars.yaml")}
 
 
-def lr_opt(batch):
-    return 0.06 * batch / 32         # the stand-in's best lr: linear in B, 6x the recipe's
+def _data(seed=0, n=1024, scramble_test=False):
+    """A small separable 10-class task as (train, validation, test) ArrayDatasets."""
+    from hvdscale.data.arrays import ArrayDataset
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(10, 28 * 28)).astype(np.float32)
+
+    def split(m, k):
+        y = np.random.default_rng(k).integers(0, 10, m)
+        x = centers[y] + 1.5 * np.random.default_rng(k + 7).normal(size=(m, 28 * 28))
+        return ArrayDataset(x.astype(np.float32).reshape(m, 28, 28, 1), y.astype(np.int64))
+    train, val, test = split(n, 1), split(400, 2), split(400, 3)
+    if scramble_test:
+        test = type(test)(test.x, np.random.default_rng(9).permutation(test.y))
+    return train, val, test
 
 
-def acc_opt(batch):
-    return lr_opt(batch) / 2         # a long run prefers a gentler lr than the fastest one
-
-
-def steps_model(batch, lr):
-    base = 40 + 20000 / batch
-    return base * (1 + math.log(lr / lr_opt(batch)) ** 2)
-
-
-def fake_train(calls):
-    def train(cfg, data):
-        calls.append(cfg)
-        if cfg.lr > 2.5 * lr_opt(cfg.batch_size):
-            return RunResult(status="diverged", steps_run=3, diverged_at=3,
-                             evals=[(0, 0.1, None)], accuracy_at_budget=0.1)
-        steps = steps_model(cfg.batch_size, cfg.lr) * (1 + 0.01 * cfg.seed)
-        if steps > cfg.max_steps:
-            return RunResult(status="censored", steps_run=cfg.max_steps,
-                             evals=[(0, 0.1, None), (cfg.max_steps, 0.5 - 0.01 * abs(
-                                 math.log(cfg.lr / lr_opt(cfg.batch_size))), 1.0)])
-        return RunResult(status="reached", steps_to_target=steps, steps_run=int(steps) + 1,
-                         evals=[(0, 0.1, None), (int(steps) + 1, 0.9, 0.3)],
-                         accuracy_at_budget=None if not cfg.accuracy_epochs else
-                         0.85 - 0.01 * abs(math.log(cfg.lr / acc_opt(cfg.batch_size))))
-    return train
-
-
-@pytest.fixture
-def study(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(inproc, "train", fake_train(calls))
-    settings = sweep.StudySettings(recipes=[REPO_SGD], batch_sizes=[32, 128, 512, 2048],
-                                   target=0.8, seeds=[1, 2, 3], expected_epochs=0.5)
-    data = SimpleNamespace(n_train=N)
+def _study(tmp_path, optimizer, data, **kw):
+    settings = sweep.StudySettings(
+        recipes=[RECIPES[optimizer]], batch_sizes=[32, 128], target=0.5, epochs=0.5,
+        seeds=[1, 2], lr_factors=[0.25, 0.5, 1.0, 2.0], ref_lr_factors=[0.5, 1.0],
+        evals_per_run=4, snapshots_per_run=4, probe_micro=8, probe_count=8, **kw)
     st = sweep.Study(settings, tmp_path, log=lambda *_: None, data=data)
-    st.run()
-    return st, calls, settings
+    info = st.run_setting(RECIPES[optimizer])
+    return st, info, settings
 
 
-def test_lr_is_tuned_per_batch_size_with_edge_extension(study):
-    st, calls, _ = study
-    info = st.settings_out["sgd_linear_warmup"]
-    for b in (32, 128, 512, 2048):
-        grid = info["lr_grid"][str(b)]
-        assert len(grid) >= 3
-        ratios = [hi / lo for lo, hi in zip(grid, grid[1:])]
-        assert all(r == pytest.approx(2.0) for r in ratios)         # log-spaced
-        chosen = info["chosen_lr"][str(b)]
-        assert grid[0] < chosen < grid[-1]                          # never left at an edge
-        assert abs(math.log2(chosen / lr_opt(b))) <= 0.5 + 1e-9     # the best on the grid
-    # B_ref's grid started at the recipe's lr (0.02 at 64 -> 0.01 at 32) and had to grow
-    assert len(info["lr_grid"]["32"]) > 3
-    # the accuracy at the budget is tuned too, and its best lr is re-run with the fresh seeds
-    for b in (32, 128, 512, 2048):
-        chosen = info["chosen_lr_accuracy"][str(b)]
-        assert abs(math.log2(chosen / acc_opt(b))) <= 0.5 + 1e-9
-        acc_runs = [r for r in st.runs if r["role"] == "accuracy" and r["batch_size"] == b]
-        assert {r["seed"] for r in acc_runs} == {1, 2, 3} and {r["lr"] for r in acc_runs} == {chosen}
-
-
-def test_measurement_uses_fresh_seeds_and_stated_budgets(study):
-    st, calls, settings = study
+@pytest.mark.parametrize("optimizer, power", [("sgd", 1.0), ("lars", 0.5)])
+def test_protocols_follow_the_rule_and_choose_on_validation(tmp_path, optimizer, power):
+    st, info, s = _study(tmp_path, optimizer, _data())
     runs = st.runs
-    tune = [r for r in runs if r["role"] == "tune"]
+    lr_ref = info["lr_ref"]
+    # (a) the rule's lr, computed here by hand: linear for SGD, square root for LARS
+    for r in runs:
+        if r["protocol"] == "scaled" and r["role"] == "measure":
+            assert r["lr"] == pytest.approx(lr_ref * (r["batch"] / 32) ** power, rel=1e-12)
+    # the settle step at B_ref picked the best validation accuracy, never the test one
+    settle = [r for r in runs if r["role"] == "tune" and r["batch"] == 32]
+    assert len(settle) == len(s.ref_lr_factors) * (2 if optimizer == "lars" else 1)
+    best = max(settle, key=lambda r: (r["val_accuracy"], -r["lr"]))
+    assert (best["lr"], best["options"]) == (lr_ref, info["settled_options"])
+    # (b) >= 4 lrs around the rule's, the best on validation, fresh seeds for the measurement
+    tune = [r for r in runs if r["protocol"] == "tuned" and r["role"] == "tune"]
+    assert sorted(r["lr"] for r in tune) == pytest.approx(
+        sorted(lr_ref * 4 ** power * f for f in s.lr_factors))
+    assert info["chosen_lr"]["128"] == max(tune, key=lambda r: (r["val_accuracy"],
+                                                                -r["lr"]))["lr"]
     measure = [r for r in runs if r["role"] == "measure"]
-    assert {r["seed"] for r in tune} == {settings.tune_seed}
-    assert {r["seed"] for r in measure} == {1, 2, 3}
-    assert not any(r["status"] == "diverged" and r["role"] == "measure" for r in runs)
-    assert any(r["status"] == "diverged" for r in tune)             # recorded as such
-    by_batch = {}
-    for r in measure:
-        by_batch.setdefault(r["batch_size"], []).append(r)
-    sizes = sorted(by_batch)
-    for prev, b in zip(sizes, sizes[1:]):
-        need = sorted(r["steps_to_target"] for r in by_batch[prev])[1]   # median at B_prev
-        r = by_batch[b][0]
-        cap = settings.max_budget_epochs * (N // b)
-        assert r["budget_steps"] >= min(3 * need, cap) - 1
-        assert r["eval_every"] <= 0.05 * need * prev / b + 1        # <= 5 % of the fewest steps
-        assert r["steps_to_target"] < r["budget_steps"]
-    assert all(c.accuracy_epochs for c in calls if c.seed == settings.tune_seed)
+    assert {r["seed"] for r in measure} == {1, 2} and {r["seed"] for r in runs if
+                                                        r["role"] == "tune"} == {0}
+    # every planned run was run, no more
+    planned = sweep.plan(s, sweep.read_setting(RECIPES[optimizer]), len(st.data[0]))
+    key = lambda r: (r["protocol"], r["role"], r["batch"], r["seed"])  # noqa: E731
+    assert sorted(map(key, planned)) == sorted(map(key, runs))
+    assert all(r["steps"] == p["steps"] for r in runs for p in planned
+               if key(r) == key(p) and not r["diverged"])
 
 
-def test_crossing_is_interpolated():
-    assert crossing((100, 0.70), (200, 0.80), 0.75) == pytest.approx(150)
-    assert crossing((100, 0.78), (200, 0.80), 0.79) == pytest.approx(150)
-    assert crossing((100, 0.81), (200, 0.85), 0.80) == 200     # already there: the later step
+def test_choices_do_not_depend_on_test_labels(tmp_path):
+    a, info_a, _ = _study(tmp_path / "a", "sgd", _data())
+    b, info_b, _ = _study(tmp_path / "b", "sgd", _data(scramble_test=True))
+    assert info_a["lr_ref"] == info_b["lr_ref"]
+    assert info_a["chosen_lr"] == info_b["chosen_lr"]
+    assert [r["val_accuracy"] for r in a.runs] == [r["val_accuracy"] for r in b.runs]
+    # the test labels did change what is reported: scrambled, the test accuracy is near chance
+    assert max(r["test_accuracy"] for r in a.runs) > 0.5
+    assert max(r["test_accuracy"] for r in b.runs) < 0.25
 
 
-def test_bad_settings_are_refused(tmp_path):
-    base = dict(recipes=[REPO_SGD], batch_sizes=[32, 64], target=0.8)
-    with pytest.raises(ConfigError, match="fresh seeds"):
-        sweep.check(sweep.StudySettings(**base, seeds=[0, 1]))
-    with pytest.raises(ConfigError, match="target"):
-        sweep.check(sweep.StudySettings(**{**base, "target": 1.5}))
-    with pytest.raises(ConfigError, match="larger than the training set"):
-        sweep.check(sweep.StudySettings(**{**base, "batch_sizes": [32, 4096]}, train_limit=1000))
-    with pytest.raises(ConfigError, match="batch-sizes"):
-        sweep.parse_batch_sizes("64")
+def test_plan_counts_and_the_wall_estimate():
+    settings = sweep.StudySettings(recipes=[RECIPES["lars"]], batch_sizes=[64, 256, 1024],
+                                   target=0.8, epochs=2, seeds=[1, 2, 3])
+    runs = sweep.plan(settings, sweep.read_setting(RECIPES["lars"]), 55000)
+    # settle: 3 lrs x 2 trust coefficients; scaled: 3 batches x 3 seeds; tuned: 2 x (4 + 3)
+    assert len(runs) == 6 + 9 + 14
+    costs = {b: {"step_s": step, "eval_s": 0.1, "run_s": 0.5, "probe_s": 0.3}
+             for b, step in ((64, 0.002), (256, 0.005), (1024, 0.02))}
+    est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2,
+                          probes_per_setting=sweep.probes_planned(settings))
+    by_batch = {64: 6 + 3, 256: 3 + 7, 1024: 3 + 7}
+    steps = {b: 2 * (55000 // b) for b in by_batch}
+    # 16 evaluations and the rest of each run; 32 snapshots x 3 seeds probed at most
+    cpu = sum(n * (steps[b] * costs[b]["step_s"] + 16 * 0.1 + 0.5)
+              for b, n in by_batch.items()) + 96 * 0.3
+    assert est["runs"] == 29 and est["cpu_s"] == pytest.approx(cpu)
+    assert est["wall_s"] == pytest.approx(cpu)          # one optimizer: one process busy
+
+
+def test_bad_settings_are_refused():
+    base = dict(recipes=[RECIPES["sgd"]], batch_sizes=[64, 256], target=0.8)
+    for kw, needle in (({"lr_factors": [0.5, 1, 2]}, ">= 4 learning rates"),
+                       ({"seeds": [0, 1]}, "fresh seeds"), ({"target": 1.5}, "--target"),
+                       ({"batch_sizes": [64, 60000]}, "larger than the training split"),
+                       ({"train_limit": 1024}, "--probe 64x32 needs 2048")):
+        with pytest.raises(ConfigError, match=needle):
+            sweep.check(sweep.StudySettings(**{**base, **kw}))

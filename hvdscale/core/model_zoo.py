@@ -10,7 +10,7 @@ from typing import Dict, Union
 
 from hvdscale.errors import ConfigError
 
-MODEL_NAMES = ("cnn", "resnet8", "resnet20", "resnet50", "mlp")
+MODEL_NAMES = ("cnn", "resnet8", "resnet20", "resnet50", "mlp", "mlp4")
 
 # BatchNorm as in PyTorch: running = (1 - momentum) * running + momentum * batch.
 # (Keras counts momentum the other way round; its adapter passes 1 - BN_MOMENTUM.)
@@ -29,9 +29,12 @@ class CNNSpec:
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """Flatten, one ReLU dense layer, classifier: ~100x cheaper than the CNN on a CPU, which is
-    what lets a critical-batch-size sweep (hvdscale sweep) finish in minutes."""
+    """Flatten, `depth` ReLU dense layers of `hidden` units (fc1 ... fc<depth>), classifier:
+    ~100x cheaper than the CNN on a CPU, which is what lets a critical-batch-size sweep
+    (hvdscale sweep) finish in minutes. Depth > 1 gives layer-wise optimizers (LARS, LAMB)
+    several hidden weight matrices of different scale to work with."""
     hidden: int = 128
+    depth: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,11 @@ SPECS: Dict[str, Spec] = {
     "resnet20": CifarResNetSpec(blocks_per_stage=3),
     "resnet50": BottleneckResNetSpec(),
     "mlp": MLPSpec(),
+    "mlp4": MLPSpec(hidden=128, depth=4),
 }
 
 # Smallest square input each model can run on (the CNN pools twice by 2).
-MIN_IMAGE_SIZE = {"cnn": 4, "resnet8": 1, "resnet20": 1, "resnet50": 1, "mlp": 1}
+MIN_IMAGE_SIZE = {"cnn": 4, "resnet8": 1, "resnet20": 1, "resnet50": 1, "mlp": 1, "mlp4": 1}
 
 
 def _positive_int(value, what):
@@ -134,6 +138,7 @@ def param_count(name: str, num_classes: int, in_channels: int, image_size: int) 
     spec = check_model_args(name, num_classes, in_channels, image_size)
     if isinstance(spec, MLPSpec):
         return (_dense(image_size * image_size * in_channels, spec.hidden)
+                + (spec.depth - 1) * _dense(spec.hidden, spec.hidden)
                 + _dense(spec.hidden, num_classes))
     if isinstance(spec, CNNSpec):
         (w1, w2) = spec.widths

@@ -9,7 +9,7 @@ training batches is a pure function of (seed, epoch, rank, size), so a resumed r
 exactly the batches an uninterrupted one would have read.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -28,6 +28,15 @@ class RawArrays:
     y_test: np.ndarray
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    x_val: Optional[np.ndarray] = None     # data.validation: held out of the training set
+    y_val: Optional[np.ndarray] = None
+
+    def evaluation(self):
+        """(x, y) a run evaluates on: the validation split when there is one, else the test
+        set."""
+        if self.x_val is not None:
+            return self.x_val, self.y_val
+        return self.x_test, self.y_test
 
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -61,8 +70,13 @@ def normalise(images, mean, std):
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+VALIDATION_SEED = 0      # one split for every run, whatever the run's own seed
+
+
 def load_raw(data_cfg, seed=0) -> RawArrays:
-    """The data kind's own arrays (registry entry `arrays`), limits applied."""
+    """The data kind's own arrays (registry entry `arrays`), the validation split and limits
+    applied. data.validation = N holds out N training images, drawn by a fixed seed-0
+    permutation, before data.train_limit takes the first images of the rest."""
     from hvdscale.registry import DATA_KINDS, resolve
     kind = DATA_KINDS.get(data_cfg.kind)
     if kind.arrays is None:
@@ -71,16 +85,41 @@ def load_raw(data_cfg, seed=0) -> RawArrays:
     raw = resolve(kind.arrays)(data_cfg, seed)
     train_limit = getattr(data_cfg, "train_limit", None)
     test_limit = getattr(data_cfg, "test_limit", None)
-    return RawArrays(raw.x_train[:train_limit], raw.y_train[:train_limit],
-                     raw.x_test[:test_limit], raw.y_test[:test_limit], raw.mean, raw.std)
+    validation = getattr(data_cfg, "validation", None)
+    x_train, y_train, x_val, y_val = raw.x_train, raw.y_train, None, None
+    if validation:
+        if validation >= len(y_train):
+            raise DataError(f"data.validation: {validation} images held out of a training set "
+                            f"of {len(y_train)} leave none to train on")
+        order = np.random.default_rng(VALIDATION_SEED).permutation(len(y_train))
+        held, kept = np.sort(order[:validation]), np.sort(order[validation:])
+        x_val, y_val = x_train[held], y_train[held]
+        x_train, y_train = x_train[kept], y_train[kept]
+    return RawArrays(x_train[:train_limit], y_train[:train_limit],
+                     raw.x_test[:test_limit], raw.y_test[:test_limit], raw.mean, raw.std,
+                     x_val, y_val)
+
+
+def _dataset(raw, x, y, layout):
+    return ArrayDataset(normalise(x, raw.mean, raw.std), y).to_layout(layout)
 
 
 def load_arrays(data_cfg, seed=0, layout="NHWC"):
-    """(train, test) normalised ArrayDatasets of an in-memory data kind, in `layout`."""
+    """(train, evaluation) normalised ArrayDatasets of an in-memory data kind, in `layout`:
+    the evaluation set is the validation split when data.validation is set, else the test
+    set."""
     raw = load_raw(data_cfg, seed)
-    train = ArrayDataset(normalise(raw.x_train, raw.mean, raw.std), raw.y_train)
-    test = ArrayDataset(normalise(raw.x_test, raw.mean, raw.std), raw.y_test)
-    return train.to_layout(layout), test.to_layout(layout)
+    return (_dataset(raw, raw.x_train, raw.y_train, layout),
+            _dataset(raw, *raw.evaluation(), layout))
+
+
+def load_splits(data_cfg, seed=0, layout="NHWC"):
+    """(train, validation, test) normalised ArrayDatasets; validation is None unless
+    data.validation is set. For callers that choose on validation and report on test."""
+    raw = load_raw(data_cfg, seed)
+    val = None if raw.x_val is None else _dataset(raw, raw.x_val, raw.y_val, layout)
+    return (_dataset(raw, raw.x_train, raw.y_train, layout), val,
+            _dataset(raw, raw.x_test, raw.y_test, layout))
 
 
 class TrainBatches:

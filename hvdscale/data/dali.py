@@ -485,7 +485,7 @@ def _array_loader(cfg_data, framework, *, batch_size, rank, size, seed, train, d
     from hvdscale.data.arrays import load_raw
     raw = load_raw(cfg_data, seed)          # the kind's own arrays and normalisation
     mean, std = raw.mean, raw.std
-    x, y = (raw.x_train, raw.y_train) if train else (raw.x_test, raw.y_test)
+    x, y = (raw.x_train, raw.y_train) if train else raw.evaluation()
     source = ArrayEpochs(x, y, rank, size, batch_size, seed, train)
     if source.steps == 0:
         raise DataError(f"{cfg_data.kind}: {len(y)} examples are too few for one batch of "

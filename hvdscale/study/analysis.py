@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from hvdscale.core.metrics import (SweepPoint, b_crit_2x_offset_removed, bootstrap_tradeoff,
+from hvdscale.core.metrics import (SweepPoint, bootstrap_tradeoff,
                                    fit_tradeoff)
 from hvdscale.core.stats import Interval, mean_interval, welch_interval
 from hvdscale.errors import ConfigError
@@ -136,42 +136,34 @@ def noise_in_window(readings: Sequence[Tuple[float, float]], half_width: float,
                     float(np.quantile(boot, 1 - tail, method="higher")))
 
 
-def measurement_points(runs, setting):
-    """{seed: SweepPoints} of the fresh-seed runs of one setting (tuning runs left out)."""
+def measurement_points(runs, optimizer, protocol):
+    """{seed: SweepPoints} of one optimizer's fresh-seed runs under `protocol` (the tuned
+    protocol's B_ref runs are the scaled protocol's: same lr, same seeds)."""
     out = {}
-    for r in runs:
-        if r["setting"] != setting or r["role"] != "measure":
-            continue
+    for r in _measures(runs, optimizer, protocol):
         if r["status"] == "reached":
-            point = SweepPoint(r["batch_size"], r["steps_to_target"], r["steps_to_target"])
+            point = SweepPoint(r["batch"], r["steps_to_target"], r["steps_to_target"])
         else:   # missed within the budget, or diverged (it would never have reached it)
-            steps = r["budget_steps"] if r["status"] == "diverged" else r["steps_run"]
-            point = SweepPoint(r["batch_size"], None, steps)
+            steps = r["budget_steps"] if r["diverged"] else r["steps"]
+            point = SweepPoint(r["batch"], None, steps)
         out.setdefault(r["seed"], []).append(point)
     return out
 
 
-def combined_points(points):
-    """One point per batch size (geometric mean of the seeds' steps; missed if any missed)."""
-    by = {}
-    for p in points:
-        by.setdefault(p.batch_size, []).append(p)
-    out = []
-    for b, group in sorted(by.items()):
-        steps = [p.steps_to_target if p.reached else p.steps_run for p in group]
-        gm = math.exp(sum(math.log(v) for v in steps) / len(steps))
-        reached = all(p.reached for p in group)
-        out.append(SweepPoint(b, gm if reached else None, gm))
-    return out
-
-
-def accuracy_by_batch(runs, setting):
-    """batch -> the test accuracies at the fixed epoch budget, one per fresh seed."""
-    by = {}
+def _measures(runs, optimizer, protocol):
+    b_ref = min(r["batch"] for r in runs if r["optimizer"] == optimizer)
     for r in runs:
-        if r["setting"] == setting and r["role"] in ("measure", "accuracy") and \
-                r["accuracy_at_budget"] is not None:
-            by.setdefault(r["batch_size"], []).append(r["accuracy_at_budget"])
+        if r["optimizer"] != optimizer or r["role"] != "measure":
+            continue
+        if r["protocol"] == protocol or (r["batch"] == b_ref and r["protocol"] == "scaled"):
+            yield r
+
+
+def accuracy_by_batch(runs, optimizer, protocol):
+    """batch -> the test accuracies at the end of the epoch budget, one per fresh seed."""
+    by = {}
+    for r in _measures(runs, optimizer, protocol):
+        by.setdefault(r["batch"], []).append(r["test_accuracy"])
     return by
 
 
@@ -179,13 +171,25 @@ def _as_dict(interval):
     return interval.as_dict() if interval is not None else None
 
 
-def analyse_setting(runs, info, bootstrap=300, noise_window=0.25):
-    label = info["setting"]
-    by_seed = measurement_points(runs, label)
-    points = [p for pts in by_seed.values() for p in pts]
+def protocol_summary(runs, optimizer, protocol):
+    """summary[optimizer][protocol] of results.json: b_ref, b_max, and per batch the test
+    accuracy (%) and the drop against B_ref (pp) with their 95 % intervals."""
+    values = accuracy_by_batch(runs, optimizer, protocol)
+    acc = accuracy_summary(values)
+    return {"b_ref": acc["b_ref"], "b_max": acc["b_max"],
+            "positive_control_batch": positive_control(acc["drop_pp"]),
+            "accuracy_pct": {str(b): _as_dict(v) for b, v in acc["accuracy_pct"].items()},
+            "drop_pp": {str(b): _as_dict(v) for b, v in acc["drop_pp"].items()},
+            "test_accuracy_values": {str(b): v for b, v in sorted(values.items())}}
+
+
+def noise_summary(runs, info, bootstrap=300, noise_window=0.25):
+    """noise[optimizer]: B_crit from the tuned protocol's steps to target (fit-form
+    envelope), B_noise as the median of the window probes around each seed's target, and
+    their ratio."""
+    by_seed = measurement_points(runs, info["optimizer"], "tuned")
     b_crit = b_crit_fit_forms(by_seed, replicates=bootstrap)
-    fit, _, _, refits = bootstrap_tradeoff(points, replicates=bootstrap)
-    two_x, raw = b_crit_2x_offset_removed(combined_points(points))
+    fit = fit_tradeoff([p for pts in by_seed.values() for p in pts])
     readings = [(w["offset"], w["b_simple"] if w["b_simple"] is not None else math.inf)
                 for p in info["probes"] for w in p.get("window", [])]
     seeds = [p["seed"] for p in info["probes"] for _ in p.get("window", [])]
@@ -195,38 +199,67 @@ def analyse_setting(runs, info, bootstrap=300, noise_window=0.25):
         noise = None
     online = [p.get("online_b_simple_at_target") for p in info["probes"]
               if p.get("online_b_simple_at_target") is not None]
-    acc = accuracy_summary(accuracy_by_batch(runs, label))
     ratio = ratio_ci = None
-    if b_crit["estimate"] and noise is not None:
+    if b_crit["estimate"] and noise is not None and b_crit["ci_low"]:
         ratio = noise.estimate / b_crit["estimate"]
         ratio_ci = [noise.ci_low / b_crit["ci_high"], noise.ci_high / b_crit["ci_low"]]
-    return {
-        "setting": label,
-        "optimizer": info["optimizer"],
-        "seeds": len(by_seed),
-        "lr_grid": info["lr_grid"],
-        "chosen_lr": info["chosen_lr"],
-        "chosen_lr_accuracy": info["chosen_lr_accuracy"],
-        "scaling": info["scaling"],
-        "b_crit": {k: b_crit[k] for k in ("estimate", "ci_low", "ci_high")},
-        "b_crit_fits": b_crit["fits"],
-        "s_min": fit.s_min if fit else None,
-        "e_min": fit.e_min if fit else None,
-        "fit_replicates": [[f.s_min, f.e_min] for f in refits],
-        "b_crit_2x_rule_offset_removed": two_x,
-        "b_crit_2x_rule_raw": raw.b_crit,
-        "b_noise": dict(_as_dict(noise) or {"estimate": None, "ci_low": None, "ci_high": None},
-                        window=noise_window, snapshots=len(readings)),
-        "b_simple_online_at_target": float(np.median(online)) if online else None,
-        "predicted_over_measured": ratio,
-        "predicted_over_measured_ci": ratio_ci,
-        "b_ref": acc["b_ref"],
-        "b_max": acc["b_max"],
-        "positive_control_batch": positive_control(acc["drop_pp"]),
-        "accuracy_pct": {str(b): _as_dict(v) for b, v in acc["accuracy_pct"].items()},
-        "drop_pp": {str(b): _as_dict(v) for b, v in acc["drop_pp"].items()},
-        "accuracy_values": {str(b): v for b, v in accuracy_by_batch(runs, label).items()},
-        "probes": info["probes"],
-    }
+    return {"b_crit": {k: b_crit[k] for k in ("estimate", "ci_low", "ci_high")},
+            "b_crit_fits": b_crit["fits"],
+            "s_min": fit.s_min if fit else None, "e_min": fit.e_min if fit else None,
+            "b_noise": dict(_as_dict(noise) or {"estimate": None, "ci_low": None,
+                                                "ci_high": None},
+                            window=noise_window, snapshots=len(readings)),
+            "b_simple_online_at_target": float(np.median(online)) if online else None,
+            "predicted_over_measured": ratio, "predicted_over_measured_ci": ratio_ci,
+            "probes": info["probes"]}
 
 
+def analyse_study(runs, infos, bootstrap=300, noise_window=0.25):
+    """summary, positive_control and noise of results.json from every run and each
+    optimizer's info (issue 21). The positive control is rule-scaled SGD's smallest batch that
+    loses >= 1 pp with an interval above 0 (any optimizer's when there is no SGD)."""
+    summary, noise = {}, {}
+    for info in infos:
+        opt = info["optimizer"]
+        summary[opt] = {p: protocol_summary(runs, opt, p) for p in ("scaled", "tuned")}
+        noise[opt] = noise_summary(runs, info, bootstrap, noise_window)
+    control = None
+    for opt in sorted(summary, key=lambda o: o != "sgd"):
+        s = summary[opt]["scaled"]
+        if s["positive_control_batch"] is not None:
+            b = s["positive_control_batch"]
+            control = {"optimizer": opt, "protocol": "scaled", "batch": b,
+                       "drop_pp": s["drop_pp"][str(b)]}
+            break
+    return {"summary": summary, "positive_control": control, "noise": noise,
+            "limit": limit_verdict(runs, summary)}
+
+
+PUSH_FACTOR = 4          # "LARS/LAMB push the limit": b_max at least this times SGD's ...
+
+
+def limit_verdict(runs, summary, level: float = 0.95) -> dict:
+    """Issue 21 item 4, per layer-wise optimizer and protocol: its b_max against SGD's, and at
+    its b_max the test-accuracy difference to SGD (pp, optimizer - SGD) with Welch's interval.
+    `pushes_limit` is True only when b_max >= 4x SGD's and that interval lies above 0 (under
+    "scaled" this is the claim; under "tuned" it says whether the gap survives tuning)."""
+    if "sgd" not in summary:
+        return {}
+    out = {}
+    for opt in summary:
+        if opt == "sgd":
+            continue
+        out[opt] = {}
+        for protocol in summary[opt]:
+            mine, base = summary[opt][protocol], summary["sgd"][protocol]
+            batch = mine["b_max"]
+            a = [100.0 * v for v in accuracy_by_batch(runs, opt, protocol).get(batch, [])]
+            b = [100.0 * v for v in accuracy_by_batch(runs, "sgd", protocol).get(batch, [])]
+            diff = welch_interval(a, b, level) if len(a) >= 2 and len(b) >= 2 else None
+            ratio = batch / base["b_max"]
+            out[opt][protocol] = {
+                "b_max": batch, "sgd_b_max": base["b_max"], "ratio": ratio,
+                "diff_pp": _as_dict(diff),
+                "pushes_limit": bool(ratio >= PUSH_FACTOR and diff is not None
+                                     and diff.ci_low > 0)}
+    return out

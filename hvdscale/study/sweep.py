@@ -1,36 +1,42 @@
-"""The critical-batch-size study: per-batch-size learning-rate tuning, fresh-seed measurement
-runs, the frozen-weights noise probe at the target, and the analysis (docs/study.md).
+"""The large-batch study (issue 21, docs/study.md): per optimizer (one recipe each), accuracy at a
+fixed epoch budget versus global batch under two protocols, steps to a target along the same
+runs, and the noise scale probed around the target at B_ref.
 
-Plan, per optimizer setting (one recipe) and global batch size B, smallest first
-- expected need: at B_ref `expected_epochs` epochs (from a timing probe); above it the steps
-  the previous batch size needed, S(B_prev) (steps to a target never grow with the batch).
-- budget: `budget_factor` x the expected need, capped at `max_budget_epochs`; evaluation every
-  `eval_fraction` of the perfect-scaling lower bound S(B_prev) B_prev / B (so at most that
-  fraction of the real need); warm-up `warmup_fraction` of the expected need.
-- learning rates: 3 log-spaced points (factor `lr_factor`) around the previous batch size's
-  best, scaled by the recipe's rule (linear for SGD, sqrt for LARS/LAMB); while a best is at an
-  edge of the tried points, one more point beyond that edge (up to `max_extend`). Each tuning
-  run uses seed `tune_seed`; it stops at the target once it has also trained the fixed
-  accuracy budget (`accuracy_epochs`: constant lr for the first half, then a branch whose lr
-  decays linearly to 0). Two bests: the fewest steps to the target (a diverged run is never
-  best) and the highest accuracy at the budget; a low target favours bolder lrs than a long
-  run can bear, so they may differ.
-- measurement: each best re-run with the fresh `seeds` (not the tuning seed, so the winner's
-  lucky draw does not bias them): role `measure` (steps to target; at B_ref the weights at the
-  target for the noise probe) and, when the accuracy best differs, role `accuracy`.
-Every run is in this process (hvdscale.study.inproc): the global batch is what matters.
+Every run is one hvdscale Engine run in this process (hvdscale.study.engine_run): the recipe's
+model, optimizer, linear warm-up over `warmup_fraction` of the budget and its decay to the end of
+`epochs`; evaluations on the validation split (data.validation, a fixed seed-0 draw of the
+training set), the untouched test set scored once at the end.
+
+Plan per optimizer, B_ref = the smallest batch:
+- settle (role "tune", protocol "scaled", at B_ref, seed `tune_seed`): every lr of
+  `ref_lr_factors` x the recipe's lr at B_ref, crossed with the optimizer's own options in
+  SETTLE (LARS trust coefficient, LAMB beta2/eps); the best final validation accuracy fixes
+  lr_ref and those options for everything after.
+- scaled (the seed's recipe): at every batch lr = rule(lr_ref, B_ref -> B) (the recipe's
+  lr.scaling), no re-tuning; role "measure" with every fresh seed.
+- tuned: at every batch above B_ref, `lr_factors` x the rule's lr with `tune_seed` (role
+  "tune"), the best final validation accuracy chosen, then re-run with the fresh seeds (role
+  "measure"). At B_ref the tuned lr is lr_ref: its runs are the scaled protocol's (not repeated).
 """
+import itertools
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from hvdscale.errors import ConfigError
 from hvdscale.registry import BACKENDS
 
 RESULTS_FILE = "results.json"
+
+# Options of an optimizer settled once at B_ref (issue 21: not left at untuned defaults).
+SETTLE: Dict[str, Dict[str, list]] = {
+    "lars": {"trust_coefficient": [0.001, 0.01]},
+    "lamb": {"betas": [[0.9, 0.999], [0.9, 0.99]]},
+}
 
 
 @dataclass
@@ -38,24 +44,22 @@ class StudySettings:
     recipes: list
     batch_sizes: list
     target: float
+    epochs: float = 4.0
     seeds: list = field(default_factory=lambda: [1, 2, 3])
     tune_seed: int = 0
-    accuracy_epochs: float = 1.0
-    expected_epochs: float = 0.5
-    budget_factor: float = 3.0
-    max_budget_epochs: float = 16.0
-    eval_fraction: float = 0.05
-    warmup_fraction: float = 0.05
-    lr_factor: float = 2.0
-    max_extend: int = 3
+    lr_factors: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    ref_lr_factors: list = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    warmup_fraction: float = 0.1
+    evals_per_run: int = 16
+    validation: int = 5000
     probe_micro: int = 32
     probe_count: int = 64
-    probe_snapshots: int = 8         # snapshots inside the noise window, per seed (about)
+    snapshots_per_run: int = 32      # snapshots along each B_ref measurement run
+    noise_every: int = 5             # online noise-scale reading every N steps on those runs
     noise_window: float = 0.25       # B_noise window: +- this fraction of the steps to target
-    noise_every: int = 5
-    eval_examples: int = 5000
-    train_limit: int = None
-    data_root: str = None
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    data_root: Optional[str] = None
     threads: int = 1
     jobs: int = 3
     bootstrap: int = 300
@@ -64,12 +68,12 @@ class StudySettings:
 @dataclass
 class Setting:
     label: str
+    recipe: str
     optimizer: str
-    optimizer_cfg: dict
-    model: str
     base_lr: float
     reference_batch: int
     scaling: str
+    model: str
 
 
 def parse_batch_sizes(text):
@@ -84,7 +88,7 @@ def parse_batch_sizes(text):
     return sorted(sizes)
 
 
-def read_setting(recipe):
+def read_setting(recipe) -> Setting:
     """The parts of a recipe the study uses (validated by hvdscale's config loader)."""
     from hvdscale.config import load_config, read_recipe
 
@@ -94,16 +98,16 @@ def read_setting(recipe):
         raise ConfigError(f"{recipe}: the study runs {supported} recipes, got framework "
                           f"{cfg.framework}")
     raw = read_recipe(recipe)
-    opt = {k: v for k, v in (raw.get("optimizer") or {}).items() if k not in ("name", "base_lr")}
-    return Setting(label=str(raw.get("name") or Path(recipe).stem), optimizer=cfg.optimizer.name,
-                   optimizer_cfg=opt, model=cfg.model.name, base_lr=float(cfg.optimizer.base_lr),
+    return Setting(label=str(raw.get("name") or Path(recipe).stem), recipe=str(recipe),
+                   optimizer=cfg.optimizer.name, base_lr=float(cfg.optimizer.base_lr),
                    reference_batch=int(cfg.batch.reference or cfg.batch.per_worker),
-                   scaling=str(cfg.lr.scaling))
+                   scaling=str(cfg.lr.scaling), model=cfg.model.name)
 
 
-def scaled(lr, from_batch, to_batch, rule):
+def rule_lr(lr_ref, b_ref, batch, rule):
+    """Protocol (a): the lr at `batch` from lr_ref at b_ref by the recipe's scaling rule."""
     from hvdscale.core.scaling import scale_lr
-    return scale_lr(lr, from_batch, to_batch, rule)
+    return scale_lr(lr_ref, b_ref, batch, rule)
 
 
 def check(settings):
@@ -112,22 +116,67 @@ def check(settings):
     if not settings.seeds or settings.tune_seed in settings.seeds:
         raise ConfigError("--seeds: give fresh seeds, different from the tuning seed "
                           f"({settings.tune_seed})")
-    n = settings.train_limit or 60000
+    if len(settings.lr_factors) < 4:
+        raise ConfigError(f"--lr-factors: the tuned protocol needs >= 4 learning rates per "
+                          f"batch, got {settings.lr_factors}")
+    n = (settings.train_limit or 60000 - settings.validation)
     if max(settings.batch_sizes) > n:
         raise ConfigError(f"batch size {max(settings.batch_sizes)} is larger than the training "
-                          f"set ({n} images)")
-    if settings.budget_factor < 1 or settings.lr_factor <= 1:
-        raise ConfigError("--budget-factor must be >= 1 and --lr-factor > 1")
+                          f"split ({n} images)")
+    if settings.probe_count * settings.probe_micro > n:      # checked now, not after the runs
+        raise ConfigError(f"--probe {settings.probe_count}x{settings.probe_micro} needs "
+                          f"{settings.probe_count * settings.probe_micro} training images, the "
+                          f"training split has {n}")
+    if not 0 <= settings.warmup_fraction < 1:
+        raise ConfigError(f"--warmup-fraction must be in [0, 1), got {settings.warmup_fraction}")
     labels = [read_setting(r).label for r in settings.recipes]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two recipes share the name {labels!r}: give each setting its own "
                           f"`name:`")
 
 
-class Study:
-    """Runs the plan of the module docstring and keeps every run's record."""
+def settle_grid(setting: Setting, b_ref: int, factors) -> List[dict]:
+    """The (lr, options) pairs tried at B_ref: the recipe's lr at B_ref times each factor,
+    crossed with the optimizer's SETTLE options."""
+    lr0 = rule_lr(setting.base_lr, setting.reference_batch, b_ref, setting.scaling)
+    grid = SETTLE.get(setting.optimizer, {})
+    names = sorted(grid)
+    out = []
+    for f in factors:
+        for values in itertools.product(*(grid[n] for n in names)):
+            out.append({"lr": lr0 * f, "options": dict(zip(names, values))})
+    return out
 
-    def __init__(self, settings, out_dir, log=print, data=None):
+
+def plan(settings: StudySettings, setting: Setting, n_train: int) -> List[dict]:
+    """Every run of one optimizer as {protocol, role, batch, seed, lr or None}: the lrs of the
+    settle and tuned steps depend on earlier results, so they are given as relative factors
+    (`factor`) here; the count and the steps are what --plan needs."""
+    b_ref = settings.batch_sizes[0]
+    runs = [dict(protocol="scaled", role="tune", batch=b_ref, seed=settings.tune_seed, **g)
+            for g in settle_grid(setting, b_ref, settings.ref_lr_factors)]
+    for batch in settings.batch_sizes:
+        runs += [dict(protocol="scaled", role="measure", batch=batch, seed=s)
+                 for s in settings.seeds]
+        if batch != b_ref:
+            runs += [dict(protocol="tuned", role="tune", batch=batch, seed=settings.tune_seed,
+                          factor=f) for f in settings.lr_factors]
+            runs += [dict(protocol="tuned", role="measure", batch=batch, seed=s)
+                     for s in settings.seeds]
+    for r in runs:
+        r["steps"] = steps_of(settings, r["batch"], n_train)
+        r["setting"] = setting.label
+    return runs
+
+
+def steps_of(settings, batch, n_train):
+    return int(settings.epochs * (n_train // batch))
+
+
+class Study:
+    """Runs the plan of the module docstring for one or more recipes and keeps every run."""
+
+    def __init__(self, settings: StudySettings, out_dir, log=print, data=None):
         import torch
 
         self.s = settings
@@ -137,129 +186,132 @@ class Study:
         torch.set_num_threads(max(1, settings.threads))
         self._data = data
         self.runs = []           # every run's record (results.json "runs")
-        self.settings_out = {}   # per setting: lr grids, chosen lrs, probes
+        self.settings_out = {}   # per optimizer: settled options, chosen lrs, probes
+
+    def data_overrides(self):
+        s = self.s
+        out = [f"data.validation={s.validation}"]
+        if s.train_limit:
+            out.append(f"data.train_limit={s.train_limit}")
+        if s.test_limit:
+            out.append(f"data.test_limit={s.test_limit}")
+        if s.data_root:
+            out.append(f"data.path={s.data_root}")
+        return out
 
     @property
     def data(self):
-        if self._data is None:      # loaded on first use (not in a parent of worker processes)
-            from hvdscale.study.inproc import load_data
-            self._data = load_data(self.s.data_root, self.s.eval_examples, self.s.train_limit)
+        """(train, validation, test) ArrayDatasets, loaded on first use."""
+        if self._data is None:
+            from hvdscale.config import load_config
+            from hvdscale.data.arrays import load_splits
+            cfg = load_config(self.s.recipes[0], self.data_overrides())
+            self._data = load_splits(cfg.data)
         return self._data
 
-    # ---------------------------------------------------------------- one run
-    def _run(self, setting, batch, lr, seed, role, budget, eval_every, warmup, **extra):
-        from hvdscale.study import inproc
-        from hvdscale.study.inproc import RunConfig
+    def config(self, setting: Setting, batch, lr, seed, options=None, max_steps=None,
+               eval_every=None, noise_every=0):
+        """The hvdscale Config of one run: the recipe with the study's batch, lr (reference =
+        batch, so the engine applies it as given), budget, warm-up, evaluation cadence, seed."""
+        from hvdscale.config import load_config
 
-        cfg = RunConfig(optimizer=setting.optimizer, optimizer_cfg=setting.optimizer_cfg,
-                        model=setting.model, batch_size=batch, lr=lr, seed=seed,
-                        max_steps=budget, eval_every=eval_every, target=self.s.target,
-                        warmup_steps=warmup, **extra)
-        res = inproc.train(cfg, self.data)
+        s = self.s
+        steps = max_steps or steps_of(s, batch, len(self.data[0]))
+        every = eval_every or max(1, steps // s.evals_per_run)
+        overrides = self.data_overrides() + [
+            f"batch.per_worker={batch}", f"batch.reference={batch}", "batch.accumulation=1",
+            f"optimizer.base_lr={lr!r}", f"train.epochs={s.epochs!r}", f"train.seed={seed}",
+            f"train.eval_every_steps={every}", "train.eval_every_epochs=null",
+            f"train.target_accuracy={s.target!r}", f"train.threads={s.threads}",
+            f"lr.warmup_epochs={s.warmup_fraction * s.epochs!r}", "lr.warmup_steps=null",
+            "checkpoint.every_epochs=null", "faults.step_timeout_s=null",
+            f"noise_scale.every={noise_every}"]
+        if max_steps:        # a timing run: a few steps, no warm-up to fit into them
+            overrides += [f"train.max_steps={max_steps}", "lr.warmup=none"]
+        for name, value in (options or {}).items():
+            overrides.append(f"optimizer.{name}={json.dumps(value)}")
+        return load_config(setting.recipe, overrides)
+
+    # ---------------------------------------------------------------- one run
+    def _run(self, setting, protocol, role, batch, lr, seed, options, snapshot_every=0):
+        from hvdscale.study.engine_run import CHANCE, run_with_engine
+
+        # the online noise-scale EMA beside the probes: on the runs that keep snapshots
+        cfg = self.config(setting, batch, lr, seed, options,
+                          noise_every=self.s.noise_every if snapshot_every else 0)
+        train, val, test = self.data
+        res = run_with_engine(cfg, train, val, test, snapshot_every=snapshot_every)
+        diverged = res.status == "diverged"
         record = {
-            "setting": setting.label, "optimizer": setting.optimizer, "batch_size": batch,
-            "lr": lr, "seed": seed, "role": role, "status": res.status,
-            "steps_to_target": res.steps_to_target, "steps_run": res.steps_run,
-            "budget_steps": budget, "eval_every": eval_every, "warmup_steps": warmup,
-            "examples_to_target": res.steps_to_target * batch if res.reached else None,
-            "accuracy_at_budget": res.accuracy_at_budget,
-            "best_eval_accuracy": max(a for _, a, _ in res.evals),
-            "diverged_at": res.diverged_at, "wall_s": round(res.wall_s, 3),
+            "optimizer": setting.optimizer, "setting": setting.label, "protocol": protocol,
+            "role": role, "batch": batch, "lr": lr, "seed": seed, "options": options,
+            "val_accuracy": CHANCE if diverged or not res.evals else res.evals[-1][1],
+            "test_accuracy": res.test_accuracy, "steps": res.steps_run,
+            "budget_steps": cfg.train.max_steps or steps_of(self.s, batch, len(train)),
+            "steps_to_target": res.steps_to_target, "status": res.status,
+            "diverged": diverged, "wall_s": round(res.wall_s, 3),
             "evals": [[s, round(a, 4), None if l is None else round(l, 4)]
-                      for s, a, l in res.evals],
+                      for s, a, l, _ in res.evals],
         }
         self.runs.append(record)
-        steps = f"{res.steps_to_target:.1f}" if res.reached else f">{res.steps_run}"
-        self.log(f"  {setting.label} B={batch} lr={lr:.4g} seed={seed} {role}: {res.status} "
-                 f"{steps} steps, acc@budget {res.accuracy_at_budget}, {res.wall_s:.1f}s")
+        self.log(f"  {setting.label} {protocol}/{role} B={batch} lr={lr:.4g} seed={seed} "
+                 f"{options or ''}: val {record['val_accuracy']:.4f} test "
+                 f"{record['test_accuracy']:.4f} target@{res.steps_to_target} "
+                 f"{res.wall_s:.1f}s")
         return record, res
 
-    # ---------------------------------------------------------------- one setting
+    # ---------------------------------------------------------------- one optimizer
     def run_setting(self, recipe):
         s = self.s
         setting = read_setting(recipe)
-        n = self.data.n_train
         b_ref = s.batch_sizes[0]
-        center = scaled(setting.base_lr, setting.reference_batch, b_ref, setting.scaling)
-        out = {"setting": setting.label, "optimizer": setting.optimizer, "recipe": str(recipe),
-               "scaling": setting.scaling, "lr_grid": {}, "chosen_lr": {}, "chosen_lr_accuracy": {},
-               "probes": []}
-        prev = None        # (batch, steps at that batch)
+        info = {"setting": setting.label, "optimizer": setting.optimizer, "recipe": str(recipe),
+                "scaling": setting.scaling, "b_ref": b_ref, "lr_grid": {}, "chosen_lr": {},
+                "probes": []}
+        # settle lr_ref and the optimizer's options at B_ref, on validation
+        tried = [self._run(setting, "scaled", "tune", b_ref, g["lr"], s.tune_seed,
+                           g["options"])[0]
+                 for g in settle_grid(setting, b_ref, s.ref_lr_factors)]
+        best = choose_on_validation(tried)
+        lr_ref, options = best["lr"], best["options"]
+        info.update(lr_ref=lr_ref, settled_options=options)
+        info["lr_grid"][str(b_ref)] = sorted({r["lr"] for r in tried})
+        info["chosen_lr"][str(b_ref)] = lr_ref
+        # protocol (a): the rule's lr at every batch, fresh seeds; at B_ref with snapshots
+        n_steps_ref = steps_of(s, b_ref, len(self.data[0]))
         for batch in s.batch_sizes:
-            per_epoch = n // batch
-            if prev is None:
-                need = floor = s.expected_epochs * per_epoch
-            else:
-                need = prev[1]
-                floor = prev[1] * prev[0] / batch        # perfect scaling: the fewest steps
-            budget = int(math.ceil(min(s.budget_factor * need, s.max_budget_epochs * per_epoch)))
-            eval_every = max(1, int(s.eval_fraction * floor))
-            warmup = int(round(s.warmup_fraction * floor))
-            tried = {}
-
-            def tune(lr):
-                tried[lr], _ = self._run(setting, batch, lr, s.tune_seed, "tune", budget,
-                                         eval_every, warmup, accuracy_epochs=s.accuracy_epochs)
-
-            for lr in (center / s.lr_factor, center, center * s.lr_factor):
-                tune(lr)
-            for _ in range(s.max_extend):
-                ordered = sorted(tried)
-                edge = next((b for b in (_best_lr(tried), _best_lr_accuracy(tried))
-                             if b in (ordered[0], ordered[-1])), None)
-                if edge is None:
-                    break
-                tune(ordered[0] / s.lr_factor if edge == ordered[0] else
-                     ordered[-1] * s.lr_factor)
-            best, best_acc = _best_lr(tried), _best_lr_accuracy(tried)
-            out["lr_grid"][str(batch)] = sorted(tried)
-            out["chosen_lr"][str(batch)] = best
-            out["chosen_lr_accuracy"][str(batch)] = best_acc
-            steps = []
-            first = batch == b_ref
+            lr = rule_lr(lr_ref, b_ref, batch, setting.scaling)
             for seed in s.seeds:
-                extra = dict(noise_every=s.noise_every if first else 0)
-                if first:        # snapshots for the noise window, on both sides of the target
-                    extra["snapshot_every"] = max(
-                        1, int(2 * s.noise_window * need / s.probe_snapshots))
-                    extra["continue_after_target"] = s.noise_window
-                if best_acc == best:     # one run measures both
-                    extra["accuracy_epochs"] = s.accuracy_epochs
-                record, res = self._run(setting, batch, best, seed, "measure", budget,
-                                        eval_every, warmup, **extra)
-                steps.append(res.steps_to_target if res.reached else res.steps_run)
-                if first:
-                    self._probe(setting, out, seed, res)
-                if best_acc != best:
-                    self._run(setting, batch, best_acc, seed, "accuracy", budget, eval_every,
-                              warmup, accuracy_epochs=s.accuracy_epochs)
-            prev = (batch, _median(steps))
-            if batch != s.batch_sizes[-1]:
-                nxt = s.batch_sizes[s.batch_sizes.index(batch) + 1]
-                center = scaled(best, batch, nxt, setting.scaling)
-        self.settings_out[setting.label] = out
-        return out
+                snap = max(1, n_steps_ref // s.snapshots_per_run) if batch == b_ref else 0
+                _, res = self._run(setting, "scaled", "measure", batch, lr, seed, options,
+                                   snapshot_every=snap)
+                if batch == b_ref:
+                    self._probe(setting, info, seed, res)
+        # protocol (b): tuned on validation at every batch above B_ref, then fresh seeds
+        for batch in s.batch_sizes[1:]:
+            center = rule_lr(lr_ref, b_ref, batch, setting.scaling)
+            tried = [self._run(setting, "tuned", "tune", batch, center * f, s.tune_seed,
+                               options)[0] for f in s.lr_factors]
+            lr = choose_on_validation(tried)["lr"]
+            info["lr_grid"][str(batch)] = sorted(r["lr"] for r in tried)
+            info["chosen_lr"][str(batch)] = lr
+            for seed in s.seeds:
+                self._run(setting, "tuned", "measure", batch, lr, seed, options)
+        self.settings_out[setting.label] = info
+        return info
 
-    def _probe(self, setting, out, seed, res):
+    def _probe(self, setting, info, seed, res):
         """Frozen-weights probes at the snapshots within the noise window around this seed's
         target (B_noise is their median over the seeds), and for the first seed at every
         snapshot (the noise-over-training plot)."""
         import torch.nn.functional as F
 
-        from hvdscale.study.inproc import RunConfig, build
         from hvdscale.study.probe import probe_noise_scale
+        from hvdscale.torch.models import build_model
 
         s = self.s
-
-        def at(state):
-            cfg = RunConfig(setting.optimizer, setting.optimizer_cfg, setting.model, 1, 1.0,
-                            seed, 1, 1, s.target)
-            model, _ = build(cfg)
-            model.load_state_dict(state["model"])
-            return probe_noise_scale(model, F.cross_entropy, self.data.x_train,
-                                     self.data.y_train, micro=s.probe_micro,
-                                     count=s.probe_count, seed=seed)
-
+        x, y = probe_inputs(self.data[0])
+        model = build_model(setting.model, 10, x.shape[1], x.shape[-1])
         entry = {"seed": seed, "online_trace": res.online_noise,
                  "steps_to_target": res.steps_to_target, "window": [], "over_training": []}
         target = res.steps_to_target
@@ -268,7 +320,10 @@ class Study:
             inside = offset is not None and abs(offset) <= s.noise_window
             if not inside and seed != s.seeds[0]:
                 continue
-            record = _probe_record(at(state), state["step"])
+            model.load_state_dict(state["model"])
+            record = _probe_record(probe_noise_scale(model, F.cross_entropy, x, y,
+                                                     micro=s.probe_micro, count=s.probe_count,
+                                                     seed=seed), state["step"])
             if inside:
                 entry["window"].append(dict(record, offset=offset))
             if seed == s.seeds[0]:
@@ -276,11 +331,11 @@ class Study:
         if target:
             online = [b for st, b in res.online_noise if st <= target]
             entry["online_b_simple_at_target"] = online[-1] if online else None
-        out["probes"].append(entry)
+        info["probes"].append(entry)
 
     def run(self, jobs=1):
-        """Every setting; with jobs > 1 the settings run in parallel worker processes (one
-        torch thread each), the way to use several cores without OpenMP barriers."""
+        """Every recipe; with jobs > 1 the recipes run in parallel worker processes (one torch
+        thread each), the way to use several cores without OpenMP barriers."""
         start = time.time()
         cpu = time.process_time()
         if jobs <= 1 or len(self.s.recipes) == 1:
@@ -305,8 +360,27 @@ class Study:
         return self.runs
 
 
+def probe_inputs(train):
+    """The training split as torch tensors for the noise probe: NHWC arrays, NCHW model input
+    (the model flattens in (H, W, C) order, as the trainer feeds it)."""
+    import torch
+    return torch.from_numpy(train.x).permute(0, 3, 1, 2), torch.from_numpy(train.y)
+
+
+def probes_planned(settings) -> int:
+    """Noise probes per optimizer, at most: every snapshot of the first seed's B_ref run, and
+    the window snapshots of the others (bounded here by all of theirs)."""
+    return settings.snapshots_per_run * len(settings.seeds)
+
+
+def choose_on_validation(records):
+    """The run with the highest final validation accuracy (a diverged run scores chance);
+    ties go to the smaller lr. The test accuracy is never read here."""
+    return max(records, key=lambda r: (r["val_accuracy"], -r["lr"]))
+
+
 def _run_one_setting(job):
-    """Worker process: one setting's tuning, measurement and probes."""
+    """Worker process: one optimizer's runs and probes."""
     import sys
 
     settings, out, recipe = job
@@ -324,31 +398,6 @@ def _probe_record(p, step):
     return {"step": step, "b_simple": finite(p.b_simple),
             "b_simple_ci": [finite(p.ci_low), finite(p.ci_high)], "g2": p.g2,
             "trace": p.trace, "micro": p.micro, "count": p.count}
-
-
-def _best_lr(tried):
-    """Fewest steps to the target; among runs that missed it, the best held-out accuracy;
-    a diverged run only when nothing else ran."""
-    def key(item):
-        lr, r = item
-        if r["status"] == "reached":
-            return (0, r["steps_to_target"])
-        if r["status"] == "censored":
-            return (1, -r["best_eval_accuracy"])
-        return (2, -lr)
-    return min(tried.items(), key=key)[0]
-
-
-def _best_lr_accuracy(tried):
-    """Highest test accuracy at the fixed epoch budget (fewer steps to target breaks ties)."""
-    return max(tried.items(), key=lambda item: (item[1]["accuracy_at_budget"] or 0.0,
-                                                -(item[1]["steps_to_target"] or 1e12)))[0]
-
-
-def _median(values):
-    v = sorted(values)
-    k = len(v) // 2
-    return v[k] if len(v) % 2 else 0.5 * (v[k - 1] + v[k])
 
 
 def save_results(path, payload):
@@ -375,9 +424,13 @@ def load_results(out_dir):
     if not path.is_file():
         raise ConfigError(f"no {RESULTS_FILE} in {out_dir}: run the sweep first")
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err.msg})") from None
+    if not isinstance(payload, dict) or "design" not in payload:
+        raise ConfigError(f"{path} has the layout from before issue 21 (no 'design'): run the "
+                          f"sweep again to regenerate it")
+    return payload
 
 
 def settings_dict(settings):

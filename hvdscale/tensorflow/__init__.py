@@ -26,6 +26,6 @@ def register() -> None:
         optimizers={name: f"hvdscale.tensorflow.optim:build_{name}"
                     for name in ("sgd", "sgdw", "lars", "lamb", "adamw")},
         models={name: "hvdscale.tensorflow.models:build_from_config"
-                for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp")},
+                for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp", "mlp4")},
         model_check="hvdscale.tensorflow.models:check_model"))
 

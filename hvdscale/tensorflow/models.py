@@ -192,9 +192,10 @@ def _cnn(spec, num_classes, x):
 
 def _mlp(spec, num_classes, x):
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(spec.hidden, activation="relu", name="fc1",
-                     kernel_initializer=keras.initializers.get(_HIDDEN_DENSE_INIT),
-                     bias_initializer="zeros")(x)
+    for i in range(1, spec.depth + 1):
+        x = layers.Dense(spec.hidden, activation="relu", name=f"fc{i}",
+                         kernel_initializer=keras.initializers.get(_HIDDEN_DENSE_INIT),
+                         bias_initializer="zeros")(x)
     return _classifier(num_classes)(x)
 
 

@@ -24,7 +24,7 @@ def register() -> None:
         optimizers={name: f"hvdscale.torch.optim:build_{name}"
                     for name in ("sgd", "sgdw", "lars", "lamb", "adamw")},
         models={name: "hvdscale.torch.models:build_from_config"
-                for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp")},
+                for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp", "mlp4")},
         model_check="hvdscale.torch.models:check_model",
         # Horovod's grouped DistributedOptimizer broadcasts the parameter order when it is
         # built, which a worker joining a running elastic job would wait on forever

@@ -118,12 +118,18 @@ class CNN(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec, num_classes, in_channels, image_size):
         super().__init__()
+        self.depth = spec.depth
         self.fc1 = nn.Linear(image_size * image_size * in_channels, spec.hidden)
+        for i in range(2, spec.depth + 1):
+            setattr(self, f"fc{i}", nn.Linear(spec.hidden, spec.hidden))
         self.fc = nn.Linear(spec.hidden, num_classes)
 
     def forward(self, x):
         # (H, W, C) order, as Keras' Flatten on NHWC (see CNN.forward)
-        return self.fc(F.relu(self.fc1(torch.flatten(x.permute(0, 2, 3, 1), 1))))
+        x = torch.flatten(x.permute(0, 2, 3, 1), 1)
+        for i in range(1, self.depth + 1):
+            x = F.relu(getattr(self, f"fc{i}")(x))
+        return self.fc(x)
 
 
 class CifarResNet(nn.Module):
