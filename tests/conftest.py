@@ -66,3 +66,16 @@ def wait_for(predicate, timeout, proc):
             return False
         time.sleep(0.05)
     return False
+
+
+def mount_tmpfs(path, size):
+    """A tmpfs of `size` at `path` (a small full disk); skips where this host allows no mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+
+
+def umount(path):
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)

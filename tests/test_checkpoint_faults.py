@@ -7,7 +7,6 @@ and loadable, nothing partial ever returned by `latest()` (what --resume loads),
 run goes on (`warn`)."""
 import errno
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, WORKERS, horovodrun, job_env
+from conftest import REPO, WORKERS, horovodrun, job_env, mount_tmpfs, umount
 from hvdscale.engine import checkpoint as ckpt
 from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError
 
 WORKER = WORKERS / "fault_train.py"
-
-
-def mount_tmpfs(path, size):
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
-
-
-def umount(path):
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.fixture

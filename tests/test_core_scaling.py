@@ -50,3 +50,13 @@ def test_bad_input_is_a_config_error_naming_the_problem(kwargs, needle):
     args.update(kwargs)
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         scale_lr(**args)
+
+
+def test_micro_batch_sizes_are_numpy_array_splits():
+    import numpy as np
+    from hvdscale.core.scaling import micro_batch_sizes
+    for n in (1, 7, 32, 33, 100):
+        for pieces in (1, 2, 3, 4, 7):
+            if pieces <= n:
+                want = [len(part) for part in np.array_split(np.arange(n), pieces)]
+                assert micro_batch_sizes(n, pieces) == want

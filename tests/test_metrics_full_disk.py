@@ -6,12 +6,10 @@ end of the disk is cut back). Real file systems: a tmpfs of a few pages for OUT 
 where this host allows no mount), another for OUT/checkpoints."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import horovodrun, tool
+from conftest import horovodrun, mount_tmpfs, tool, umount
 from hvdscale.engine.checkpoint import CheckpointStore
 
 PAGE = 4096
@@ -21,18 +19,6 @@ RUN = ["--set", "framework=torch", "--set", "optimizer.name=sgd",
        "--set", "train.max_steps=16", "--set", "lr.warmup_steps=1",
        "--set", "train.eval_every_steps=1", "--set", "checkpoint.every_steps=4",
        "--set", "log.progress=false", "--set", "log.tensorboard=false"]
-
-
-def mount_tmpfs(path, size):
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
-
-
-def umount(path):
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.mark.multiproc

@@ -27,6 +27,15 @@ def global_batch(workers: int, per_worker: int, accumulation: int = 1) -> int:
             * _positive_int(accumulation, "accumulation steps"))
 
 
+def micro_batch_sizes(examples: int, pieces: int) -> list:
+    """How a rank's batch of `examples` splits into `pieces` micro-batches for gradient
+    accumulation (np.array_split's sizes: the first ones one larger). Every backend splits by
+    this rule and weights each micro-batch's mean gradient by size / examples, so the step
+    is the same full-batch mean whatever the accumulation."""
+    base, extra = divmod(examples, pieces)
+    return [base + 1] * extra + [base] * (pieces - extra)
+
+
 def scale_lr(base_lr: float, reference_batch: int, global_batch: int,
              rule: str = "linear") -> float:
     """The learning rate for `global_batch` given `base_lr` tuned at `reference_batch`."""

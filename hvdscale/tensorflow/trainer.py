@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvdscale.comm import gradient_groups
+from hvdscale.core.scaling import micro_batch_sizes
 from hvdscale.errors import ConfigError
 from hvdscale.tensorflow.optim import build_optimizer
 from hvdscale.tensorflow.quiet import list_gpus
@@ -325,8 +326,7 @@ class TensorFlowTrainer:
         if self._stat_saved:
             self._snapshot()
         n = int(y.shape[0])
-        base, extra = divmod(n, pieces)
-        sizes = [base + 1] * extra + [base] * (pieces - extra)
+        sizes = micro_batch_sizes(n, pieces)
         local = []
         for xb, yb, size in zip(tf.split(x, sizes), tf.split(y, sizes), sizes):
             # each micro-batch's share of the step's mean gradient

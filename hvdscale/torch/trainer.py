@@ -21,16 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from hvdscale.comm import gradient_groups
+from hvdscale.core.scaling import micro_batch_sizes
 from hvdscale.errors import ConfigError
 from hvdscale.torch.optim import build_optimizer
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def split_sizes(n, pieces):
-    """Micro-batch sizes of an n-example batch in `pieces` parts (np.array_split's sizes)."""
-    base, extra = divmod(n, pieces)
-    return [base + 1] * extra + [base] * (pieces - extra)
 
 
 class TorchTrainer:
@@ -229,7 +224,7 @@ class TorchTrainer:
         pieces = noise.micro_batches(self.cfg.batch.accumulation) if noise is not None \
             else self.cfg.batch.accumulation
         n = y.shape[0]
-        sizes = split_sizes(n, pieces)
+        sizes = micro_batch_sizes(n, pieces)
         step_loss = None
         for xb, yb in zip(torch.split(x, sizes), torch.split(y, sizes)):
             with self._autocast():

@@ -11,15 +11,10 @@ from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import numpy as np
 
+from hvdscale.core.scaling import micro_batch_sizes
 from hvdscale.engine.faults import poison_batch
 from hvdscale.errors import ConfigError
 from hvdscale_numpy.nn import cross_entropy
-
-
-def split_sizes(n: int, pieces: int):
-    """Micro-batch sizes of an n-example batch in `pieces` parts (np.array_split's)."""
-    base, extra = divmod(n, pieces)
-    return [base + 1] * extra + [base] * (pieces - extra)
 
 
 class NumpyTrainer:
@@ -81,7 +76,7 @@ class NumpyTrainer:
         model, n = self.model, y.shape[0]
         smoothing = self.cfg.model.label_smoothing
         grads, step_loss, start = None, 0.0, 0
-        for size in split_sizes(n, self.accumulation):
+        for size in micro_batch_sizes(n, self.accumulation):
             xb, yb = x[start:start + size], y[start:start + size]
             start += size
             logits, cache = model.forward(xb)
