@@ -48,7 +48,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/hvdscale
 # Only what the install reads, so editing the code does not re-run it.
-COPY launchers/install.sh launchers/patch_horovod.sh launchers/constraints.txt launchers/
+COPY launchers/install.sh launchers/patch_horovod.sh launchers/horovod-wait.patch \
+     launchers/constraints.txt launchers/
 COPY setup.cfg pyproject.toml README.md ./
 COPY hvdscale/__init__.py hvdscale/
 # The Horovod wheel lands in HVDSCALE_CACHE, a BuildKit cache mount that outlives this build:
