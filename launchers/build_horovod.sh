@@ -2,6 +2,7 @@
 # Build the Horovod 0.28.1 wheel for one Python environment: the one recipe behind
 # install.sh (CPU and --gpu), launchers/gpu_check.sh and the Dockerfile.
 #
+#   launchers/build_horovod.sh --print-arch   (the default architectures on this machine)
 #   launchers/build_horovod.sh [--gpu] [--cuda-arch "80;90"] [--mpi auto|yes|no]
 #                              [--tensorflow auto|yes|no] [--cuda-toolkit auto|pip|DIR]
 #                              [--sdist FILE] [--python PY] OUT_DIR
@@ -19,6 +20,11 @@ set -Eeuo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 HVD_V=0.28.1
 GPU=0; ARCH="${HVDSCALE_CUDA_ARCH:-}"; TOOLKIT=auto; MPI=auto; TF=auto; SDIST=""; PY="${PYTHON:-python3}"
+if [ "${1:-}" = "--print-arch" ]; then    # what --cuda-arch defaults to on this machine
+    caps=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .' | sort -u | paste -sd';' || true)
+    echo "${caps:-80;90}"
+    exit 0
+fi
 while [ $# -gt 1 ]; do
     case "$1" in
         --gpu) GPU=1 ;;
@@ -88,11 +94,6 @@ find_cuda() {
     fi
     return 1
 }
-detect_arch() {
-    local caps
-    caps=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .' | sort -u | paste -sd';' || true)
-    echo "${caps:-80;90}"
-}
 if [ "$GPU" = 1 ]; then
     CUDA=$(find_cuda) || die "no CUDA toolkit (nvcc): set CUDA_HOME, or pip install 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-crt==13.0.*' 'nvidia-cuda-cccl==13.0.*' 'nvidia-nvvm==13.0.*'"
     export HOROVOD_CUDA_HOME="$CUDA" CUDAToolkit_ROOT="$CUDA" PATH="$CUDA/bin:$PATH"
@@ -109,7 +110,7 @@ if [ "$GPU" = 1 ]; then
         ln -s "$nccl/lib/libnccl.so.2" "$WORK/nccl-lib/libnccl.so"
         export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$WORK/nccl-lib"
     fi
-    [ -n "$ARCH" ] || ARCH=$(detect_arch)
+    [ -n "$ARCH" ] || ARCH=$(bash "$here/build_horovod.sh" --print-arch)
     supported=$("$CUDA/bin/nvcc" --list-gpu-arch 2>/dev/null | tr -cd '0-9\n' | paste -sd' ' || true)
     for cc in ${ARCH//;/ }; do
         [ -z "$supported" ] || [[ " $supported " == *" $cc "* ]] \
