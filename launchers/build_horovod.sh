@@ -46,6 +46,11 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 has_module torch || die "$PY has no torch: Horovod is built for the torch it will run with"
+# the C++ standard torch's headers need (patch_horovod.sh edit 1)
+HVDSCALE_TORCH_CXX_STANDARD=$("$PY" -c 'import torch
+v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+print(20 if v >= (2, 14) else 17)')
+export HVDSCALE_TORCH_CXX_STANDARD
 
 # ------------------------------------------------------------------ frameworks and controllers
 export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MXNET=1
@@ -132,7 +137,7 @@ bash "$here/patch_horovod.sh" "$WORK/horovod-$HVD_V"
 MAKEFLAGS="-j${HVDSCALE_BUILD_JOBS:-$(nproc)}"
 # CMake 4 refuses the bundled Gloo's cmake_minimum_required(2.8.12) without this.
 export MAKEFLAGS CMAKE_POLICY_VERSION_MINIMUM=3.5
-WHAT="torch=yes tensorflow=$TF gloo=yes mpi=$MPI"
+WHAT="torch=yes(c++$HVDSCALE_TORCH_CXX_STANDARD) tensorflow=$TF gloo=yes mpi=$MPI"
 [ "$GPU" = 0 ] || WHAT="$WHAT nccl=${HOROVOD_NCCL_INCLUDE:-${HOROVOD_NCCL_HOME:-system}} cuda=$HOROVOD_CUDA_HOME arch=$ARCH"
 echo "build_horovod.sh: horovod $HVD_V $WHAT $MAKEFLAGS"
 "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WORK/wheel" "$WORK/horovod-$HVD_V"

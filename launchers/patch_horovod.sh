@@ -32,7 +32,14 @@ PY
 # 1. torch >= 2.1 headers need C++17; the core must use the same standard or Gloo's
 #    symbols do not match at link time.
 replace_line CMakeLists.txt 'set(CMAKE_CXX_STANDARD 14)' 'set(CMAKE_CXX_STANDARD 17)'
-replace_line horovod/torch/CMakeLists.txt '    set(CMAKE_CXX_STANDARD 14)' '    set(CMAKE_CXX_STANDARD 17)'
+#    torch >= 2.14's headers need C++20 (std::strong_ordering): build_horovod.sh says which.
+# shellcheck disable=SC2016  # CMake's $ENV{...} is literal text here
+replace_line horovod/torch/CMakeLists.txt '    set(CMAKE_CXX_STANDARD 14)' \
+    '    if(DEFINED ENV{HVDSCALE_TORCH_CXX_STANDARD})
+        set(CMAKE_CXX_STANDARD $ENV{HVDSCALE_TORCH_CXX_STANDARD})
+    else()
+        set(CMAKE_CXX_STANDARD 17)
+    endif()'
 
 # 2. TF >= 2.16 moved the XLA headers; xla_mpi_ops.cc only serves GPU XLA, so drop it.
 # shellcheck disable=SC2016  # the CMake variable is literal text here
