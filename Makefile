@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-gpu demo test test-fast test-gpu-simulate doctor lint clean image-cpu test-image
+.PHONY: install install-gpu demo test test-fast test-gpu-simulate doctor lint clean image-cpu test-image ci-image
 
 install:
 	bash launchers/install.sh
@@ -45,6 +45,10 @@ image-cpu:
 # Build (cached layers are reused) and run doctor and a 2-worker training inside the image.
 test-image: install
 	$(PY) -m pytest -q -ra -m image $(PYTEST_ARGS)
+
+# For CI: installs podman/runc/debootstrap if missing, then the above with a time limit.
+ci-image: install
+	bash launchers/container/ci-image.sh
 
 doctor: install
 	$(VENV)/bin/hvdscale doctor
