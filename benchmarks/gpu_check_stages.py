@@ -90,7 +90,7 @@ def allreduce(args):
     sys.exit(0 if ok and "NCCL_ALLREDUCE" in text else 1)
 
 
-def trainer_for(model, optimizer, batch, image_size=224, classes=1000, precision="bf16"):
+def trainer_for(model, optimizer, batch, image_size, classes=1000, precision="bf16"):
     from hvdscale.comm import Comm
     from hvdscale.config import config_from_dict
     from hvdscale.torch.trainer import TorchTrainer
@@ -106,19 +106,47 @@ def trainer_for(model, optimizer, batch, image_size=224, classes=1000, precision
     return trainer
 
 
+class Device:
+    """CUDA, or the CPU for --smoke (a quick run of the code paths, no measurement)."""
+
+    def __init__(self, smoke):
+        import torch
+        self.torch, self.cuda = torch, not smoke
+        self.size = 32 if smoke else 224
+
+    def synchronize(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def debug_mode(self, mode):
+        if self.cuda:
+            self.torch.cuda.set_sync_debug_mode(mode)
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self):
+        return round(self.torch.cuda.max_memory_allocated() / 2 ** 30, 2) if self.cuda else None
+
+    def pinned(self, t):
+        return t.pin_memory() if self.cuda else t
+
+
 def sync_free(args):
     """No step of ours synchronises the host with the device (a read, a blocking copy)."""
     import torch
+    dev = Device(args.smoke)
     results = {}
     for optimizer in ("lamb", "lars", "sgd"):
-        trainer = trainer_for(args.model, optimizer, args.batch)
-        x = torch.randn(args.batch, 3, 224, 224)
+        trainer = trainer_for(args.model, optimizer, args.batch, dev.size)
+        x = torch.randn(args.batch, 3, dev.size, dev.size)
         y = torch.randint(0, 1000, (args.batch,))
         batch = next(trainer.device_batches([(x, y)]))
         trainer.train_step(batch, 0.01)            # warm-up: allocations, cuDNN's choices
         trainer.read_stats()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        dev.synchronize()
+        dev.debug_mode("error")
         try:
             for _ in range(args.steps):
                 trainer.train_step(batch, 0.01)
@@ -126,11 +154,12 @@ def sync_free(args):
         except RuntimeError as err:
             results[optimizer] = f"failed: {str(err).splitlines()[0]}"
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            dev.debug_mode("default")
         stats = trainer.read_stats()
         results[optimizer + "_loss"] = stats["loss_sum"] / max(1, stats["examples"])
         del trainer
-        torch.cuda.empty_cache()
+        if dev.cuda:
+            torch.cuda.empty_cache()
     emit({"steps": args.steps, "model": args.model, "batch": args.batch, **results})
     sys.exit(0 if all(results[o] == "passed" for o in ("lamb", "lars", "sgd")) else 1)
 
@@ -140,17 +169,18 @@ def throughput(args):
     import torch.nn.functional as F
     from hvdscale.torch.models import build_model
 
-    batch, size, classes = args.batch, 224, 1000
-    device = torch.device("cuda", 0)
+    dev = Device(args.smoke)
+    batch, size, classes = args.batch, dev.size, 1000
+    device = torch.device("cuda", 0) if dev.cuda else torch.device("cpu")
     torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(0)
     host_x = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(2)]
     host_y = [torch.randint(0, classes, (batch,), generator=gen) for _ in range(2)]
     # in-memory images from the host: pinned, as a loader hands them over
-    host_batches = [(x.contiguous(memory_format=torch.channels_last).pin_memory(), y.pin_memory())
+    host_batches = [(dev.pinned(x.contiguous(memory_format=torch.channels_last)), dev.pinned(y))
                     for x, y in zip(host_x, host_y)]
 
-    ours = trainer_for("resnet50", "sgd", batch)
+    ours = trainer_for(args.model, "sgd", batch, size)
 
     def ours_runner(source):
         if source == "device":
@@ -165,7 +195,7 @@ def throughput(args):
         return (lambda: ours.train_step(next(stream), 0.1)), ours.read_stats
 
     torch.manual_seed(0)
-    model = build_model("resnet50", classes, 3, size).to(device).to(
+    model = build_model(args.model, classes, 3, size).to(device).to(
         memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -179,11 +209,11 @@ def throughput(args):
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
-        return step, torch.cuda.synchronize
+        return step, dev.synchronize
 
     def timed(step, finish, steps):
         finish()
@@ -193,19 +223,19 @@ def throughput(args):
         finish()
         return batch * steps / (time.perf_counter() - t0)
 
-    out = {"model": "resnet50", "batch": batch, "precision": "bf16", "channels_last": True,
-           "steps": args.steps, "repeats": args.repeats,
-           "device": torch.cuda.get_device_name(0)}
+    out = {"model": args.model, "batch": batch, "precision": "bf16", "channels_last": True,
+           "steps": args.steps, "repeats": args.repeats, "smoke": args.smoke,
+           "device": torch.cuda.get_device_name(0) if dev.cuda else "cpu"}
     for source in ("device", "host"):
         runners = {"ours": ours_runner(source), "peer": peer_runner(source)}
         rates = {name: [] for name in runners}
         peak = {}
         for name, (step, finish) in runners.items():          # warm-up, peak memory
-            torch.cuda.reset_peak_memory_stats()
+            dev.reset_peak()
             for _ in range(args.warmup):
                 step()
             finish()
-            peak[name] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            peak[name] = dev.peak_gib()
         for _ in range(args.repeats):                           # interleaved: drift hits both
             for name, (step, finish) in runners.items():
                 rates[name].append(timed(step, finish, args.steps))
@@ -241,6 +271,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true",
+                   help="sync_free/throughput on the CPU, tiny: the code paths, no numbers")
     args = p.parse_args(argv)
     globals()[args.stage](args)
 
