@@ -79,3 +79,19 @@ def test_a_failing_stage_is_recorded_and_the_run_goes_on(tmp_path):
     assert proc.returncode == 1
     assert stages["bundle"]["status"] == "failed" and "Fashion-MNIST" in stages["bundle"]["reason"]
     assert stages["host"]["status"] == "ok" and stages["allreduce"]["status"] == "needs_cuda"
+
+
+@pytest.mark.parametrize("stage", ["sync_free", "throughput"])
+def test_measuring_stages_run_their_code_paths_on_a_cpu(stage):
+    """--smoke: the CUDA stages' Python on the CPU, tiny (a typo must not cost a GPU call)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check_stages.py"), stage,
+                           "--smoke", "--model", "resnet20", "--batch", "2", "--steps", "1",
+                           "--warmup", "1", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if stage == "sync_free":
+        assert {result[o] for o in ("lamb", "lars", "sgd")} == {"passed"}
+    else:
+        for key in ("device_ours", "device_peer", "host_ours", "host_peer"):
+            assert result[key]["median"] > 0 and len(result[key]["runs"]) == 1
