@@ -35,7 +35,8 @@ ENV HVDSCALE_PY_APT=""
 # ---- builder: compilers, OpenMPI headers, then install.sh builds .venv (Horovod from source)
 # hadolint ignore=DL3006
 FROM build-base-${CPU_ONLY} AS builder
-ARG CUDA_ARCH="70;80;90"
+# CUDA 13 builds nothing below compute capability 7.5 (Volta and older are gone)
+ARG CUDA_ARCH="80;90"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive
 # install.sh would apt-get these itself; one cached layer keeps rebuilds of the venv fast.
@@ -48,7 +49,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/hvdscale
 # Only what the install reads, so editing the code does not re-run it.
-COPY launchers/install.sh launchers/patch_horovod.sh launchers/constraints.txt launchers/
+COPY launchers/install.sh launchers/build_horovod.sh launchers/patch_horovod.sh \
+     launchers/horovod-wait.patch launchers/constraints.txt launchers/
 COPY setup.cfg pyproject.toml README.md ./
 COPY hvdscale/__init__.py hvdscale/
 # The Horovod wheel lands in HVDSCALE_CACHE, a BuildKit cache mount that outlives this build:

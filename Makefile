@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-gpu demo test test-fast doctor lint clean image-cpu test-image
+.PHONY: install install-gpu demo test test-fast test-gpu-simulate doctor lint clean image-cpu test-image ci-image
 
 install:
 	bash launchers/install.sh
@@ -23,13 +23,18 @@ install-gpu:
 demo: install
 	bash launchers/demo.sh $(NP) $(RECIPE)
 
-# The container image test (marker image) builds Horovod once more: not part of this run.
+# The container image test (marker image) builds Horovod once more, and the GPU check's
+# simulation (marker gpu_simulate) runs its own stages: neither is part of this run.
 test: install
-	$(PY) -m pytest -q -ra -m "not image" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not image and not gpu_simulate" $(PYTEST_ARGS)
+
+# launchers/gpu_check.sh --simulate on a copy of the tree, offline (no GPU needed).
+test-gpu-simulate: install
+	$(PY) -m pytest -q -ra -m gpu_simulate $(PYTEST_ARGS)
 
 # Everything but the multi-process jobs: a quick loop while editing.
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not multiproc and not slow and not image" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "not multiproc and not slow and not image and not gpu_simulate" $(PYTEST_ARGS)
 
 # The CPU image with podman on a host without Docker or an image registry: a local Debian 12
 # base image (debootstrap) stands in for python:3.11-slim-bookworm; host settings (runc,
@@ -40,6 +45,10 @@ image-cpu:
 # Build (cached layers are reused) and run doctor and a 2-worker training inside the image.
 test-image: install
 	$(PY) -m pytest -q -ra -m image $(PYTEST_ARGS)
+
+# For CI: installs podman/runc/debootstrap if missing, then the above with a time limit.
+ci-image: install
+	bash launchers/container/ci-image.sh
 
 doctor: install
 	$(VENV)/bin/hvdscale doctor

@@ -193,6 +193,21 @@ def launched_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
     return 1
 
 
+# ... and how many of them share this node
+LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                   "PMI_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def launched_local_size(world_size: int, environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many ranks the launcher put on this node; `world_size` (all on one node) when no
+    launcher says."""
+    environ = os.environ if environ is None else environ
+    for var in LOCAL_SIZE_VARS:
+        if environ.get(var, "").isdigit() and int(environ[var]) > 0:
+            return min(int(environ[var]), max(1, world_size))
+    return max(1, world_size)
+
+
 def horovod_env_defaults(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """The Horovod settings hvdscale sets before hvd.init() in this process: only those the
     environment does not set already (the user's value always wins)."""

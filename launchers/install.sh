@@ -3,6 +3,9 @@
 #
 #   launchers/install.sh [--gpu] [--no-apt] [--force] [--cuda-arch "80;90"]
 #
+# --cuda-arch (or HVDSCALE_CUDA_ARCH): the compute capabilities the GPU build targets; default
+# the GPUs of this machine, else "80;90" (CUDA 13 builds nothing below 7.5).
+#
 # Creates .venv/ at the repository root with pinned torch, TensorFlow, Horovod 0.28.1
 # (built from its sdist with launchers/patch_horovod.sh), mpi4py, DALI and hvdscale itself.
 # The built Horovod wheel is cached outside the repository, keyed by the versions and the
@@ -14,20 +17,21 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 CONSTRAINTS="$ROOT/launchers/constraints.txt"
 PATCH="$ROOT/launchers/patch_horovod.sh"
+BUILDER="$ROOT/launchers/build_horovod.sh"
 PATCH_HASH=$(bash "$PATCH" --hash)     # the script and the diff it applies
 STAMP="$VENV/.hvdscale-install-complete"
 CACHE="${HVDSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdscale}"
 LOG="$ROOT/.install.log"
 PYTHON="${PYTHON:-python3}"
 
-GPU=0; APT=1; FORCE=0; CUDA_ARCH="${HVDSCALE_CUDA_ARCH:-70;80;90}"
+GPU=0; APT=1; FORCE=0; CUDA_ARCH="${HVDSCALE_CUDA_ARCH:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --gpu) GPU=1 ;;
         --no-apt) APT=0 ;;
         --force) FORCE=1 ;;
         --cuda-arch) CUDA_ARCH="$2"; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -55,7 +59,7 @@ run() { "$@" >>"$LOG" 2>&1; }
 : >"$LOG"
 MODE=$([ "$GPU" = 1 ] && echo gpu || echo cpu)
 # What the finished venv must match: pins, this script, the patch, setup.cfg, the mode.
-WANT=$( (cat "$CONSTRAINTS" "$0" "$ROOT/setup.cfg"; echo "$PATCH_HASH") | sha256sum | cut -c1-16)-$MODE
+WANT=$( (cat "$CONSTRAINTS" "$0" "$BUILDER" "$ROOT/setup.cfg"; echo "$PATCH_HASH") | sha256sum | cut -c1-16)-$MODE
 
 if [ "$FORCE" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     echo "install.sh: $VENV is complete and up to date ($WANT); nothing to do"
@@ -125,31 +129,23 @@ run "${PIPI[@]}" --no-binary mpi4py mpi4py
 step "horovod wheel" "horovod==$HVD_V"
 PYV=$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 MPI_V=$(mpirun --version 2>/dev/null | head -n1 | tr -cd '0-9.' || echo none)
+BUILD_ARGS=(--python "$VENV/bin/python" --mpi yes --tensorflow yes)
+if [ "$GPU" = 1 ]; then
+    [ -n "$CUDA_ARCH" ] || CUDA_ARCH=$(bash "$BUILDER" --print-arch)
+    BUILD_ARGS+=(--gpu --cuda-arch "$CUDA_ARCH")
+fi
+BUILDER_HASH=$(sha256sum "$BUILDER" | cut -c1-16)
 KEY=$(printf '%s\n' "horovod=$HVD_V" "torch=$TORCH_V" "tf=$TF_V" "py=$PYV" "mpi=$MPI_V" \
-      "mode=$MODE" "arch=$CUDA_ARCH" "$PATCH_HASH" | sha256sum | cut -c1-16)
+      "mode=$MODE" "arch=$CUDA_ARCH" "$PATCH_HASH" "$BUILDER_HASH" | sha256sum | cut -c1-16)
 WHEEL_DIR="$CACHE/horovod-$HVD_V-$KEY"
 if ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     echo "    cached wheel: $WHEEL_DIR"
 else
-    BUILD=$(mktemp -d)
-    run "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HVD_V" -d "$BUILD"
-    tar -xzf "$BUILD"/horovod-"$HVD_V".tar.gz -C "$BUILD"
-    run bash "$PATCH" "$BUILD/horovod-$HVD_V"
-    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
-    MAKEFLAGS="-j$(nproc)"
-    export HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS
-    if [ "$GPU" = 1 ]; then
-        export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST="${CUDA_ARCH//;/,}"
-        export HOROVOD_CUDA_ARCH_LIST="$CUDA_ARCH"
-    else
-        export HOROVOD_WITHOUT_GPU=1 HOROVOD_CPU_OPERATIONS=gloo
-    fi
+    # launchers/build_horovod.sh: the sdist, the patches, NCCL/CUDA discovery, a stripped wheel
     echo "    building from source (several minutes on 2 cores); log: $LOG"
-    run "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$BUILD/wheel" "$BUILD/horovod-$HVD_V"
-    mkdir -p "$WHEEL_DIR.tmp"
-    cp "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR.tmp"/
+    rm -rf "$WHEEL_DIR.tmp"
+    run bash "$BUILDER" "${BUILD_ARGS[@]}" "$WHEEL_DIR.tmp"
     rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"   # appears whole or not at all
-    rm -rf "$BUILD"
 fi
 run "${PIPI[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
 # Horovod's own runtime requirements (not taken from the wheel to keep numpy/torch pinned).

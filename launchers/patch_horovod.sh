@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Source edits that let Horovod 0.28.1 (its last release) build against torch >= 2.1 and
-# TF >= 2.16 with Keras 3, start faster, and wait without spinning. The wheel cache keys
-# (install.sh, gpu_check.sh) include `--hash`, so any change here or in the diff rebuilds.
+# TF >= 2.16 with Keras 3 (CPU and GPU builds, gcc 12 and 13), start faster, and wait without
+# spinning. The wheel cache keys (install.sh, gpu_check.sh) include `--hash`, so any change
+# here or in the diff rebuilds.
 #   usage: patch_horovod.sh SRC_DIR      (an unpacked horovod-0.28.1 sdist)
 #          patch_horovod.sh --hash  (the fingerprint of all edits: the wheel cache key's part)
 set -euo pipefail
@@ -31,7 +32,14 @@ PY
 # 1. torch >= 2.1 headers need C++17; the core must use the same standard or Gloo's
 #    symbols do not match at link time.
 replace_line CMakeLists.txt 'set(CMAKE_CXX_STANDARD 14)' 'set(CMAKE_CXX_STANDARD 17)'
-replace_line horovod/torch/CMakeLists.txt '    set(CMAKE_CXX_STANDARD 14)' '    set(CMAKE_CXX_STANDARD 17)'
+#    torch >= 2.14's headers need C++20 (std::strong_ordering): build_horovod.sh says which.
+# shellcheck disable=SC2016  # CMake's $ENV{...} is literal text here
+replace_line horovod/torch/CMakeLists.txt '    set(CMAKE_CXX_STANDARD 14)' \
+    '    if(DEFINED ENV{HVDSCALE_TORCH_CXX_STANDARD})
+        set(CMAKE_CXX_STANDARD $ENV{HVDSCALE_TORCH_CXX_STANDARD})
+    else()
+        set(CMAKE_CXX_STANDARD 17)
+    endif()'
 
 # 2. TF >= 2.16 moved the XLA headers; xla_mpi_ops.cc only serves GPU XLA, so drop it.
 # shellcheck disable=SC2016  # the CMake variable is literal text here
@@ -54,8 +62,33 @@ replace_line horovod/common/util.py "EXTENSIONS = ['tensorflow', 'torch', 'mxnet
 #    queued or in flight (woken by the next enqueue; HOROVOD_IDLE_CYCLE_TIME caps the sleep,
 #    50 ms, 0 = upstream's poll every cycle), and torch's synchronize() blocks on a condition
 #    variable instead of a sched_yield loop. Measured in benchmarks/RESULTS.md ("Issue 12").
+# 6. gcc 13's libstdc++ no longer pulls these in transitively (upstream #3957, after 0.28.1).
+replace_line horovod/common/common.h '#include <memory>' $'#include <memory>\n#include <stdexcept>'
+replace_line horovod/common/group_table.h '#include <queue>' $'#include <queue>\n#include <string>'
+# 7. GPU builds with TensorFlow: XLA removed stream_executor::gpu::AsGpuStreamValue (the
+#    forward declaration compiles, the import then fails on the missing symbol); TF >= 2.16
+#    hands out the CUDA stream as Stream::platform_specific_handle().
+replace_line horovod/tensorflow/mpi_ops.cc 'GpuStreamHandle AsGpuStreamValue(Stream* stream);' \
+    $'#if TENSORFLOW_VERSION < 2016000000\nGpuStreamHandle AsGpuStreamValue(Stream* stream);\n#endif'
+replace_line horovod/tensorflow/mpi_ops.cc '#include "tensorflow/compiler/xla/stream_executor/stream.h"' \
+    $'#if TENSORFLOW_VERSION < 2016000000\n#include "tensorflow/compiler/xla/stream_executor/stream.h"\n#endif'
+replace_line horovod/tensorflow/mpi_ops.cc '#endif // TENSORFLOW_VERSION >= 2011000000' \
+    "$(cat <<'CC'
+#endif // TENSORFLOW_VERSION >= 2011000000
+#if TENSORFLOW_VERSION >= 2016000000
+#include "xla/stream_executor/stream.h"
+namespace stream_executor {
+namespace gpu {
+inline GpuStreamHandle AsGpuStreamValue(Stream* stream) {  // hvdscale
+  return static_cast<GpuStreamHandle>(stream->platform_specific_handle().stream);
+}
+} // namespace gpu
+} // namespace stream_executor
+#endif
+CC
+)"
 diff="$here/horovod-wait.patch"
 patch -p1 --batch --forward --dry-run < "$diff" >/dev/null \
     || fail "launchers/horovod-wait.patch does not apply to $src"
 patch -p1 --batch --forward --quiet < "$diff"
-echo "patch_horovod: 5 edits applied to $src"
+echo "patch_horovod: 7 edits applied to $src"

@@ -211,3 +211,54 @@ def test_podman_build_that_did_not_finish_is_not_reported_built(tmp_path):
                           env={"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 1 and "did not finish (no image id)" in proc.stderr
     assert "built" not in proc.stdout.replace("==>", "")
+
+
+# ---------------------------------------------------------------------------------------
+# What the install reads must be in the image when it runs: the builder stage copies a
+# hand-made list of files (so that editing the code does not re-run the install), and a file
+# the install started reading later (launchers/horovod-wait.patch) was once missing from it.
+
+def builder_tree_before_install(dest):
+    """Lay out under `dest` what the builder stage has copied when launchers/install.sh runs."""
+    _, (_, _, body), _ = resolve({"CPU_ONLY": "1"})
+    workdir = "/"
+    for _, word, rest in body:
+        if word == "WORKDIR":
+            workdir = rest
+        elif word == "RUN" and "launchers/install.sh" in rest:
+            return
+        elif word == "COPY" and "--from=" not in rest:
+            *sources, target = rest.split()
+            assert target.startswith("/") or workdir == "/opt/hvdscale", target
+            for source in sources:
+                into = dest / target / Path(source).name if target.endswith("/") else dest / target
+                into.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / source, into)
+    raise AssertionError("the builder stage never runs launchers/install.sh")
+
+
+def files_read_by(script, seen=None):
+    """Repository files a launcher script names through its own location ($ROOT/..., $here/...),
+    followed into the scripts it names."""
+    seen = set() if seen is None else seen
+    text = (REPO / script).read_text()
+    base = {"ROOT": "", "here": str(Path(script).parent) + "/"}
+    for var, rel in re.findall(r'\$\{?(ROOT|here)\}?/([\w./-]+)', text):
+        path = (base[var] + rel).rstrip("/.")
+        if path and (REPO / path).is_file() and path not in seen:
+            seen.add(path)
+            if path.endswith(".sh"):
+                files_read_by(path, seen)
+    return seen
+
+
+def test_every_file_the_install_reads_is_copied_before_it_runs(tmp_path):
+    builder_tree_before_install(tmp_path)
+    copied = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    read = files_read_by("launchers/install.sh")
+    assert {"launchers/patch_horovod.sh", "launchers/horovod-wait.patch"} <= read   # the scan works
+    assert read - copied == set(), "the Dockerfile does not COPY what install.sh reads"
+    # and the scripts really run there: --help still reads the patch fingerprint first
+    proc = subprocess.run(["bash", "launchers/install.sh", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

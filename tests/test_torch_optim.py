@@ -237,3 +237,46 @@ def test_sparse_gradients_are_refused_naming_the_optimizer():
         with pytest.raises(RuntimeError, match=rf"^{cls.__name__}: sparse gradients are not "
                                                r"supported \(param group 0\)"):
             cls(emb.parameters(), lr=0.1).step()
+
+
+class HostTensors:
+    """Counts tensors made from Python data (torch.tensor(list), x[list], ...): each is a
+    blocking host-to-device copy when the step runs on a GPU (an error under
+    torch.cuda.set_sync_debug_mode("error")). On the CPU torch shows them as aten.lift_fresh."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.lift_fresh.default:
+                    calls.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("kind, cls, hyper", CASES)
+def test_device_step_makes_no_tensor_from_host_data(kind, cls, hyper, monkeypatch):
+    """The off-CPU (_foreach_*) form of the step, which a GPU runs, builds its per-group
+    exclusion masks and indices once, on the device: no step after the first makes a tensor
+    from Python data."""
+    monkeypatch.setattr(cls, "_fused_kernels", staticmethod(lambda params: False))
+    net = make_net(torch.float32)
+    grads = grads_for(net, steps=4)
+    opt = cls(net.named_parameters(), lr=0.05, **hyper)
+    run_torch(opt, net, grads[:1])                     # the first step may build its masks
+    counter = HostTensors()
+    for step_grads in grads[1:]:
+        for p, g in zip(net.parameters(), step_grads):
+            p.grad = torch.tensor(g, dtype=p.dtype)
+        with counter.mode:
+            opt.step()
+    assert counter.calls == [], f"{len(counter.calls)} tensors made from host data in 3 steps"
+    # the proxy sees what it must: a tensor from a list, and indexing with a list
+    with counter.mode:
+        torch.tensor([True, False])
+        torch.zeros(3)[[0, 2]]
+    assert len(counter.calls) == 2

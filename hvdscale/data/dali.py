@@ -138,6 +138,8 @@ def _folder_graph(files, labels, shard_id, num_shards, train, spec, decode, layo
         images = fn.decoders.image(jpegs, device=decode, output_type=colour)
         images = fn.resize(images, resize_shorter=spec.eval_resize)
         mirror = 0
+    if decode == "mixed":       # labels reach the GPU inside the pipeline, not copied unpinned
+        label = label.gpu()
     return _normalise(fn, types, images, spec, layout, fp16, mirror), label
 
 
@@ -147,7 +149,7 @@ def _array_graph(source, train, spec, layout, fp16, on_gpu):
     images, label = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
                                        layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
     if on_gpu:
-        images = images.gpu()
+        images, label = images.gpu(), label.gpu()
     if train:
         images = fn.random_resized_crop(images, size=(spec.image_size, spec.image_size),
                                         random_area=list(spec.crop_area),
@@ -554,12 +556,14 @@ def engine_output(framework, plugin_problem=None):
 def build_sources(cfg, rank, size, eval_batch=500):
     """(train source, eval source) for `hvdscale train` with data.kind imagefolder.
 
-    DALI threads: train.threads, else this node's cores shared among the ranks (one node
-    assumed). Decoding follows data.decode; with mixed decoding the images stay on the GPU
-    (see engine_output)."""
+    DALI threads: train.threads, else this node's cores shared among the ranks on this node
+    (the launcher's local size). Decoding follows data.decode; with mixed decoding images
+    and labels stay on the GPU (see engine_output)."""
     import os
 
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // size)
+    from hvdscale.comm import launched_local_size
+
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // launched_local_size(size))
     local = rank % max(1, gpu_count())
     per_step = cfg.batch.per_worker * cfg.batch.accumulation
     # the torch trainer runs convolutions channels_last: let DALI write NHWC memory

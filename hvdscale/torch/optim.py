@@ -18,7 +18,7 @@ Parameters are excluded from weight decay and from the trust ratio by hvdscale.c
 (1-D by default, plus name regexes when the optimizer gets named parameters).
 """
 import math
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -44,6 +44,14 @@ def _finite(value, what, low=0.0, high=None, high_open=False):
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class _Layout(NamedTuple):
+    """Which of a list of parameters are excluded, on the host and on their device."""
+    excluded: List[bool]
+    decayed: List[int]                 # positions of the parameters not excluded
+    excluded_mask: torch.Tensor        # bool, on the parameters' device
+    decayed_index: torch.Tensor        # int64 positions, on the parameters' device
+
+
 class _LayerwiseOptimizer(Optimizer):
     """Common parts: exclusion flags from names, state gathering, per-tensor scalars."""
 
@@ -58,6 +66,24 @@ class _LayerwiseOptimizer(Optimizer):
         names = group.get("param_names")
         index = {id(p): i for i, p in enumerate(group["params"])}
         return [rule(names[index[id(p)]] if names else None, p.ndim) for p in params]
+
+    def _layout(self, group, params) -> _Layout:
+        """The exclusion layout of `params`, built once per set of parameters: a tensor made
+        from host data in the step is a blocking host-to-device copy on a GPU."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        key = (tuple(id(p) for p in params), group["exclude_1d"], tuple(group["exclude"]),
+               params[0].device)
+        layout = cache.get(key)
+        if layout is None:
+            if len(cache) > 64:        # parameter sets changed many times: start again
+                cache.clear()
+            excluded = self._excluded_flags(group, params)
+            decayed = [i for i, e in enumerate(excluded) if not e]
+            device = params[0].device
+            layout = cache[key] = _Layout(
+                excluded, decayed, torch.tensor(excluded, dtype=torch.bool, device=device),
+                torch.tensor(decayed, dtype=torch.int64, device=device))
+        return layout
 
     def _with_grads(self, group):
         params, grads = [], []
@@ -109,7 +135,8 @@ class LARS(_LayerwiseOptimizer):
             params, grads = self._with_grads(group)
             if not params:
                 continue
-            excluded = self._excluded_flags(group, params)
+            layout = self._layout(group, params)
+            excluded = layout.excluded
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -119,8 +146,7 @@ class LARS(_LayerwiseOptimizer):
             lr, wd, eta, eps = group["lr"], group["weight_decay"], group["trust_coefficient"], group["eps"]
             w_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
-            skip = torch.tensor(excluded, device=w_norm.device)
-            trusted = ~skip & (w_norm > 0) & (g_norm > 0)
+            trusted = ~layout.excluded_mask & (w_norm > 0) & (g_norm > 0)
             ratio = torch.where(trusted, eta * w_norm / (g_norm + wd * w_norm + eps),
                                 torch.ones_like(w_norm))
             coef = lr * ratio
@@ -130,10 +156,10 @@ class LARS(_LayerwiseOptimizer):
                 continue
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_addcmul_(bufs, grads, self._per_tensor(coef))
-            decayed = [i for i, e in enumerate(excluded) if not e]
+            decayed = layout.decayed
             if wd != 0 and decayed:
                 torch._foreach_addcmul_([bufs[i] for i in decayed], [params[i] for i in decayed],
-                                        self._per_tensor(coef[decayed] * wd))
+                                        self._per_tensor(coef[layout.decayed_index] * wd))
             torch._foreach_sub_(params, bufs)
         return loss
 
@@ -186,7 +212,6 @@ class LAMB(_LayerwiseOptimizer):
             params, grads = self._with_grads(group)
             if not params:
                 continue
-            excluded = self._excluded_flags(group, params)
             by_step = {}
             for i, p in enumerate(params):
                 state = self.state[p]
@@ -198,8 +223,9 @@ class LAMB(_LayerwiseOptimizer):
                 by_step.setdefault(state["step"], []).append(i)
             # normally one bucket; parameters that missed steps keep their own bias correction
             for step, idx in by_step.items():
-                self._update(group, step, [params[i] for i in idx], [grads[i] for i in idx],
-                             [excluded[i] for i in idx])
+                subset = params if len(idx) == len(params) else [params[i] for i in idx]
+                self._update(group, step, subset, [grads[i] for i in idx],
+                             self._layout(group, subset))
         return loss
 
     def _scratch_for(self, params):
@@ -213,9 +239,9 @@ class LAMB(_LayerwiseOptimizer):
             out.append(buf)
         return out
 
-    def _update(self, group, step, params, grads, excluded):
+    def _update(self, group, step, params, grads, layout):
         if self._fused_kernels(params):
-            return self._fused_update(group, step, params, grads, excluded)
+            return self._fused_update(group, step, params, grads, layout.excluded)
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         if group["bias_correction"]:
@@ -237,7 +263,7 @@ class LAMB(_LayerwiseOptimizer):
         torch._foreach_add_(U, eps * math.sqrt(bc2))
         torch._foreach_reciprocal_(U)
         torch._foreach_mul_(U, M)
-        decayed = [i for i, e in enumerate(excluded) if not e]
+        decayed = layout.decayed
         if wd != 0 and decayed:
             torch._foreach_add_([U[i] for i in decayed], [params[i] for i in decayed], alpha=wd * c)
 
@@ -253,7 +279,7 @@ class LAMB(_LayerwiseOptimizer):
             r = torch.where(trusted, w_norm / torch.where(trusted, u_norm, 1.0), 1.0)
             if group["max_trust_ratio"] is not None:
                 r = r.clamp(max=group["max_trust_ratio"])
-            ratio[torch.tensor(decayed, device=device)] = r
+            ratio.index_copy_(0, layout.decayed_index, r)
         scale = (ratio * (-lr / c)).to(dtype)
         torch._foreach_addcmul_(params, U, self._per_tensor(scale))
 

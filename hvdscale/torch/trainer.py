@@ -44,6 +44,9 @@ class TorchTrainer:
         if torch.cuda.is_available():
             self.device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
+            # fixed input shapes: cuDNN times its convolution algorithms once and keeps the
+            # fastest (plain PyTorch training loops set this too)
+            torch.backends.cudnn.benchmark = True
         self._model_fn = model_fn
         self.model = self.optimizer = self.scaler = None
         self.precision = cfg.train.precision
