@@ -237,18 +237,27 @@ def builder_tree_before_install(dest):
     raise AssertionError("the builder stage never runs launchers/install.sh")
 
 
-def files_read_by(script, seen=None):
+def tracked_files():
+    """The repository's files as git knows them (what a clone holds: not the install's own log
+    or other ignored outputs); None outside a git checkout."""
+    proc = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    return set(proc.stdout.split()) if proc.returncode == 0 else None
+
+
+def files_read_by(script, seen=None, tracked=None):
     """Repository files a launcher script names through its own location ($ROOT/..., $here/...),
     followed into the scripts it names."""
     seen = set() if seen is None else seen
+    tracked = tracked_files() if tracked is None else tracked
     text = (REPO / script).read_text()
     base = {"ROOT": "", "here": str(Path(script).parent) + "/"}
     for var, rel in re.findall(r'\$\{?(ROOT|here)\}?/([\w./-]+)', text):
         path = (base[var] + rel).rstrip("/.")
-        if path and (REPO / path).is_file() and path not in seen:
+        if path and (REPO / path).is_file() and path not in seen and \
+                (not tracked or path in tracked):
             seen.add(path)
             if path.endswith(".sh"):
-                files_read_by(path, seen)
+                files_read_by(path, seen, tracked)
     return seen
 
 
