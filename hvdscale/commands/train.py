@@ -122,11 +122,13 @@ def build_engine(args):
         check_elastic(cfg, stop_after_steps=args.stop_after_steps, no_horovod=args.no_horovod)
     requeue = requeue_exit_code()
     from hvdscale.engine import Engine
-    from hvdscale.data import build_sources
+    from hvdscale.data import build_sources, check_sources
     from hvdscale.registry import build_callbacks
     callbacks = build_callbacks(cfg)
     comm, trainer = start_workers(cfg, horovod=not args.no_horovod)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
+    if not args.elastic:    # elastic: no collective before Horovod's first sync
+        check_sources(comm, cfg.data.kind, train_source, eval_source)
     kind = "elastic" if args.elastic else f"np{comm.size}"
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{cfg.framework}-{kind}"
     return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
