@@ -235,3 +235,26 @@ def test_ranks_with_uneven_batches_finish_or_abandon_together(signal_at):
         assert not watches[0].agreed and not watches[1].agreed
     else:
         assert results == {0: None, 1: None} and watches[0].agreed and watches[1].agreed
+
+
+def test_preempted_final_evaluation_is_run_on_resume(tmp_path):
+    """SIGINT during the final evaluation of one plain process: the checkpoint of the last
+    step, no evaluation record; `--resume` then runs the final evaluation and the summary."""
+    out = tmp_path / "run"
+    args = [tool("hvdscale"), "train", *SLOW_EVAL, "--set", "train.max_steps=2",
+            "--set", "train.eval_every_steps=null", "--set", "train.eval_every_epochs=null",
+            "--set", "data.test_limit=4000", "--out", out]
+    first = out / "checkpoints" / "step-00000001.json"
+    output, code, took = signal_when(start(args), first.exists, signal.SIGINT, delay=1.5)
+    print(f"final evaluation, one process: exited {code} {took:.2f} s after SIGINT")
+    assert code == 0, output[-3000:]
+    check_stopped_at(out, output, 2)
+    assert not [e for e in events(out) if "test_accuracy" in e and "event" not in e]
+    resumed = subprocess.run([str(a) for a in args] + ["--resume"], env=job_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = events(out)
+    evals = [e for e in records if "test_accuracy" in e and "event" not in e]
+    assert [e["step"] for e in evals] == [2] and evals[0]["test_examples"] == 4000
+    assert records[-1]["event"] == "summary"
+    assert records[-1]["final_test_accuracy"] == evals[0]["test_accuracy"]

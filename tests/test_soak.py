@@ -37,9 +37,10 @@ pytestmark = [pytest.mark.soak, pytest.mark.multiproc]
 WORKER = WORKERS / "fault_train.py"
 MINUTES = float(os.environ.get("HVDSCALE_SOAK_MINUTES", "20"))
 SEED = int(os.environ.get("HVDSCALE_SOAK_SEED", "0"))
-STEPS = int(os.environ.get("HVDSCALE_SOAK_STEPS", "3000"))
+STEPS = int(os.environ.get("HVDSCALE_SOAK_STEPS", "1500"))
 RUN = ["--set", "data.train_limit=8192", "--set", "data.test_limit=1000",
-       "--set", "batch.per_worker=64", "--set", f"train.max_steps={STEPS}",
+       "--set", "batch.per_worker=64", "--set", "train.epochs=1000",
+       "--set", f"train.max_steps={STEPS}",
        "--set", "train.eval_every_steps=100", "--set", "checkpoint.every_steps=25",
        "--set", "checkpoint.keep=3", "--set", "log.progress=false",
        "--set", "log.tensorboard=false"]
