@@ -90,7 +90,7 @@ def test_sigterm_mid_evaluation_stops_every_rank_within_grace(tmp_path):
     first = out / "checkpoints" / "step-00000001.json"
     output, code, took = signal_when(proc, first.exists, signal.SIGTERM, delay=1.5)
     print(f"mid-evaluation: horovodrun exited {code} {took:.2f} s after SIGTERM")
-    assert took < GRACE_S - 1, output[-3000:]
+    assert took < GRACE_S, output[-3000:]      # before horovodrun SIGKILLs
     check_stopped_at(out, output, 2)
     # the abandoned evaluation left no record
     assert not [e for e in events(out) if "test_accuracy" in e and "event" not in e]
@@ -118,7 +118,7 @@ def test_sigterm_during_a_checkpoint_write_makes_it_the_preemption_checkpoint(tm
     check_stopped_at(out, output, 4)
     assert sorted(p.name for p in ckpts.glob("step-*.json")) == \
         ["step-00000002.json", "step-00000004.json"]
-    assert took < GRACE_S - 1, output[-3000:]
+    assert took < GRACE_S, output[-3000:]      # before horovodrun SIGKILLs
 
 
 @pytest.mark.multiproc
@@ -132,7 +132,7 @@ def test_sigterm_before_the_first_step_ends_stops_after_it(tmp_path):
     output, code, took = signal_when(proc, (dump / "pid-rank1").exists, signal.SIGTERM)
     print(f"first step: horovodrun exited {code} {took:.2f} s after SIGTERM")
     check_stopped_at(out, output, 1)
-    assert took < GRACE_S - 1, output[-3000:]
+    assert took < GRACE_S, output[-3000:]      # before horovodrun SIGKILLs
 
 
 def test_sigint_to_plain_hvdscale_train_is_a_preemption(tmp_path):
