@@ -40,6 +40,10 @@ def main(argv=None):
     command = _load(args.command)
     try:
         return int(command.run(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C before a run's own handler is in place (start-up): one line, no traceback
+        print(f"hvdscale {args.command}: interrupted", file=sys.stderr)
+        return 130
     except UsageError as err:
         # the library names the setting; the command knows which flag supplied it
         flag = getattr(command, "SETTING_FLAGS", {}).get(getattr(err, "setting", None))

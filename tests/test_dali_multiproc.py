@@ -74,3 +74,21 @@ def test_skip_corrupt_runs_on_both_ranks_and_counts(tmp_path):
     ranks = _ranks(tmp_path)
     assert [rec["skipped"] for rec in ranks] == [2, 2]
     assert sorted(ranks[0]["train"][0] + ranks[1]["train"][0]) == list(range(12))
+
+
+def test_garbage_between_jpeg_markers_is_named_on_every_rank(tmp_path):
+    """Such a file segfaulted DALI's decoder on the rank that read it (exit 139, the other
+    rank reported a lost worker); the header check at start names it on every rank."""
+    from conftest import REPO, tool
+    from hvdscale.data.imagefolder import write_fashion_mnist
+    from test_bad_input import refused_by_every_rank
+    root = tmp_path / "fm"
+    write_fashion_mnist(root, train_limit=200, val_limit=50)
+    victim = sorted((root / "train").rglob("*.jpg"))[7]
+    dali_images.garbage_between_markers(victim)
+    proc = horovodrun(2, tool("hvdscale"), "train",
+                      REPO / "pipelines" / "imagefolder_fashion_mnist.yaml",
+                      "--set", f"data.path={root}", "--set", "train.max_steps=12",
+                      "--set", "lr.warmup_steps=1", "--set", "batch.per_worker=32",
+                      "--out", tmp_path / "run", check=False, timeout=180)
+    refused_by_every_rank(proc, f"{victim}: JPEG header: garbage where a marker must start")

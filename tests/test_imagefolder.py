@@ -51,6 +51,10 @@ def test_checks_find_non_images_and_truncated_files(tmp_path):
     assert "not an image file" in imf.marker_problem(tmp_path / "notes.txt")
     assert imf.marker_problem(tmp_path / "garbled.jpg") is None      # only a decode finds it
     assert imf.decode_problem(tmp_path / "garbled.jpg") is not None
+    # garbage between two header segments: Pillow decodes it, the header walk finds it
+    dali_images.flat_image(tmp_path / "junk.jpg", 70)
+    dali_images.garbage_between_markers(tmp_path / "junk.jpg")
+    assert "garbage where a marker must start" in imf.marker_problem(tmp_path / "junk.jpg")
 
 
 def test_list_errors_name_the_folder_or_file(tmp_path):

@@ -161,11 +161,13 @@ def build_engine(args):
 
 def _engine(args, cfg, out, owner, tau_ref, requeue):
     from hvdscale.engine import Engine
-    from hvdscale.data import build_sources
+    from hvdscale.data import build_sources, check_sources
     from hvdscale.registry import build_callbacks
     callbacks = build_callbacks(cfg)
     comm, trainer = start_workers(cfg, horovod=not args.no_horovod, agree=owner.agree)
     train_source, eval_source = build_sources(cfg, comm.rank, comm.size)
+    if not args.elastic:    # elastic: no collective before Horovod's first sync
+        check_sources(comm, cfg.data.kind, train_source, eval_source)
     return Engine(cfg, comm, trainer, train_source, eval_source, out, resume=args.resume,
                   tau_ref=tau_ref, stop_after=args.stop_after_steps,
                   requeue_exit_code=requeue, elastic=args.elastic, sources=build_sources,

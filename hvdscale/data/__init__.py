@@ -41,6 +41,26 @@ def build_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
     return registry.resolve(registry.DATA_KINDS.get(cfg.data.kind).sources)(cfg, rank, size)
 
 
+def check_sources(comm: Any, kind: str, train: Any, test: Any) -> None:
+    """Refuse, on every rank alike, data the ranks cannot train on together: ranks that
+    hold data sets of different sizes (they would run different numbers of steps and wait
+    for each other in a collective until the step watchdog fires; e.g. a data factory that
+    reads a per-node file) and an empty evaluation set (it would report accuracy 0.0).
+    One allreduce of this rank's sizes."""
+    sizes = np.array([train.num_examples, train.steps_per_epoch, test.num_examples],
+                     dtype=np.int64)
+    both = comm.allreduce(np.concatenate([sizes, -sizes]), op="max")
+    high, low = both[:3], -both[3:]
+    if (high != low).any():
+        raise DataError(f"data.kind {kind!r}: the {comm.size} ranks hold data sets of "
+                        f"different sizes (train {low[0]}..{high[0]} examples, test "
+                        f"{low[2]}..{high[2]}); every rank must load the same whole data "
+                        f"set (hvdscale gives each rank its shard)")
+    if high[2] == 0:
+        raise DataError(f"data.kind {kind!r}: the evaluation set is empty (0 test examples); "
+                        f"accuracy cannot be measured")
+
+
 # --------------------------------------------------------------------------- built-in kinds
 def check_fashion_mnist(data_cfg: Any) -> None:
     from hvdscale.data.fashion_mnist import DEFAULT_ROOT, FILES, _find

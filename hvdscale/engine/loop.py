@@ -26,6 +26,7 @@ from hvdscale.engine.elastic import batch_plan
 from hvdscale.engine.checkpoint import CheckpointStore, CheckpointWriteError, atomic_write
 from hvdscale.engine.faults import NonFiniteGuard, Watchdog
 from hvdscale.engine.lr import plan_lr
+from hvdscale.engine.evaluation import evaluate_interruptibly
 from hvdscale.engine.preemption import PreemptionWatch
 from hvdscale.engine.resume import CONFIG_KEY, check_resume
 from hvdscale.engine.callbacks import CallbackList
@@ -301,6 +302,9 @@ class Engine:
     def _steps(self, wall0):
         """Train until the end, the target (stop_at_target) or the session limit; returns
         "done" | "target" | "paused" | "preempted"."""
+        if self.step >= self.total_steps and self._session_steps == 0:
+            # resumed at the end: a preemption abandoned the final evaluation
+            return self._evaluate_and_log(wall0, "done")
         while self.step < self.total_steps:
             epoch, start = self._position()
             source = self.batches        # a callback may swap it (batch.adaptive)
@@ -315,11 +319,7 @@ class Engine:
                     ending = "preempted"
                 if (self.eval_every and self.step % self.eval_every == 0 and
                         ending != "preempted") or ending == "done":
-                    record = self._evaluate(time.perf_counter() - wall0)
-                    self._log.write(record)
-                    self.callbacks.evaluate(self, record)
-                    if self.cfg.train.stop_at_target and self.tracker.reached:
-                        ending = ending or "target"
+                    ending = self._evaluate_and_log(wall0, ending)
                 if ending is None and self.stop_requested:
                     ending = "stopped"
                 if ending is None and self.stop_after is not None \
@@ -328,6 +328,8 @@ class Engine:
                 if (ending or (self.ckpt_every and self.step % self.ckpt_every == 0)) \
                         and self.last_checkpoint_step != self.step:
                     self._checkpoint()
+                    if ending is None and self.preemption.agree_now()[0]:
+                        ending = "preempted"   # a signal came during the save: it is the one
                 if self.watchdog is not None:    # step, evaluation and checkpoint all done
                     self.watchdog.beat(self.step)
                 if ending:
@@ -395,10 +397,25 @@ class Engine:
         self.callbacks.stats(self, dict(stats, loss_sum_all=float(loss_all),
                                         examples_all=int(examples_all)))
 
+    def _evaluate_and_log(self, wall0, ending):
+        """Evaluate, log and report; returns the step's ending: "preempted" when a signal
+        abandoned the evaluation (on every rank, no record), "target" when it was reached."""
+        record = self._evaluate(time.perf_counter() - wall0)
+        if record is None:
+            return "preempted"
+        self._log.write(record)
+        self.callbacks.evaluate(self, record)
+        if self.cfg.train.stop_at_target and self.tracker.reached:
+            return ending or "target"
+        return ending
+
     def _evaluate(self, wall):
         self._collect_stats()
         self.backend.sync_statistics()
-        correct, count, loss_sum = self.backend.evaluate(self.eval_source.batches())
+        sums = evaluate_interruptibly(self.backend, self.eval_source.batches(), self.preemption)
+        if sums is None:           # no record for a partial evaluation
+            return None
+        correct, count, loss_sum = sums
         totals = self.comm.allreduce(np.array([correct, count], dtype=np.int64), op="sum")
         loss_total = self.comm.allreduce(float(loss_sum), op="sum")
         train_loss = self._loss_sum / self._loss_n if self._loss_n else float("nan")

@@ -1,8 +1,9 @@
 """Preemption: end a run cleanly when the scheduler asks, with one checkpoint at that step.
 
 SLURM (`scancel --signal`, `--signal=USR1@N`, the end of a time limit) and most schedulers
-send SIGTERM or SIGUSR1 before they kill a job. Every rank installs a handler for both that
-only records the signal; the ranks then agree, at a step boundary, to stop:
+send SIGTERM or SIGUSR1 before they kill a job; Ctrl-C sends SIGINT. Every rank installs a
+handler for the three that only records the signal; the ranks then agree, at a step boundary,
+to stop:
 
     check k:       wait for the flag allreduce started at check k-1 (max over ranks of
                    [flag, mean step seconds]) and start the next one with this rank's values
@@ -17,6 +18,14 @@ mean step time in the last result, which every rank holds alike, so the checks s
 same steps everywhere. The allreduce is started at one check and read at the next, so it costs
 no wait: the ranks act within about two intervals of the first signal, never inside a
 collective.
+
+The first check of a session waits for its answer, so a signal during start-up or the first
+step (the longest: tracing, allocation) stops the run right after step 1. Outside the step loop
+the ranks agree with `agree_now`, one blocking allreduce: between chunks of an evaluation
+(hvdscale/engine/evaluation.py: a long evaluation is abandoned, not finished) and after each
+checkpoint (a signal that came during the save makes that checkpoint the preemption one, instead
+of a second save a step later). Measured times: docs/reliability.md, "Preemption timing and bad
+data".
 
 A second signal while the checkpoint is being written is only counted (the handler stays
 installed), so it cannot interrupt the save; a SIGKILL cannot be caught, but checkpoints are
@@ -39,11 +48,13 @@ import time
 
 import numpy as np
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too: Ctrl-C on a plain `hvdscale train` ends the run as a preemption would (checkpoint,
+# preempted.json) instead of a KeyboardInterrupt traceback and lost steps
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionWatch:
-    """Records SIGTERM/SIGUSR1 and turns them into a stop that every rank agrees on."""
+    """Records SIGTERM/SIGUSR1/SIGINT and turns them into a stop that every rank agrees on."""
 
     # at most this many steps between two checks (very short steps)
     MAX_INTERVAL = 1000
@@ -104,18 +115,42 @@ class PreemptionWatch:
         if self._countdown > 0:
             return False
         now = self.clock()
+        if self._since is None:
+            # the first check waits for its answer: a signal that came during start-up or the
+            # first step (graph tracing, allocation: the longest step) is acted on at once
+            flag, _ = self.comm.allreduce_async(
+                np.array([float(self.received), 0.0]), op="max").wait()
+            self.checks += 1
+            self.agreed = bool(flag > 0)
+            self._since, self._steps, self._countdown = now, 0, 1
+            return self.agreed
         if self._pending is not None:
             flag, step_seconds = self._pending.wait()
             self.agreed = flag > 0
             self._countdown = self.interval(step_seconds)
         else:
             self._countdown = 1          # the first check: no step time agreed yet
-        mean = (now - self._since) / self._steps if self._since is not None else 0.0
+        mean = (now - self._since) / self._steps
         self._since, self._steps = now, 0
         self._pending = self.comm.allreduce_async(
             np.array([float(self.received), mean]), op="max")
         self.checks += 1
         return self.agreed
+
+    def agree_now(self, more=False):
+        """One blocking agreement outside the step loop (between two chunks of an evaluation,
+        hvdscale/engine/evaluation.py): returns (stop, any rank has more to do), equal on every
+        rank; a stop also sets `agreed`, so the step loop stops at once after it."""
+        if self.agreed:                  # agreed on every rank alike: no collective needed
+            return True, more
+        if not self.comm.distributed:
+            self.agreed = self.received
+            return self.agreed, more
+        flag, left = self.comm.allreduce(np.array([float(self.received), float(more)]),
+                                         op="max")
+        self.checks += 1
+        self.agreed = bool(flag > 0)
+        return self.agreed, bool(left > 0)
 
     def interval(self, step_seconds):
         """Steps to the next check for the agreed (slowest) mean step time."""

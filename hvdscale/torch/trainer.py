@@ -18,6 +18,10 @@ import io
 
 import numpy as np
 import torch
+# torch.optim.Optimizer() imports torch._dynamo the first time one is built (5-7 s on the busy
+# 2-core host); importing it here, with the framework, keeps those seconds out of the engine's
+# start, where the run is already waiting to act on a preemption signal at its first step
+import torch._dynamo  # noqa: F401
 import torch.nn.functional as F
 
 from hvdscale.comm import gradient_groups

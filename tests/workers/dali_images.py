@@ -33,6 +33,34 @@ def flat_image(path, value, width=40, height=30):
     Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(path, quality=100)
 
 
+def _jpeg_segments(data):
+    """(offset, marker) of a JPEG's header segments, SOI excluded, up to the first scan."""
+    found, offset = [], 2
+    while True:
+        marker, length = data[offset + 1], int.from_bytes(data[offset + 2:offset + 4], "big")
+        found.append((offset, marker))
+        if marker == 0xDA:
+            return found
+        offset += 2 + length
+
+
 def undecodable_jpeg(path):
-    """Right start and end markers, nonsense between: passes the cheap check, fails decoding."""
-    Path(path).write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9")
+    """A well-formed chain of markers whose first Huffman table is nonsense (every code
+    count 255): passes the header check, fails decoding (Pillow and DALI both report it)."""
+    path = Path(path)
+    flat_image(path, 90)
+    data = bytearray(path.read_bytes())
+    offset = next(o for o, marker in _jpeg_segments(data) if marker == 0xC4)
+    data[offset + 5:offset + 21] = b"\xff" * 16      # after marker, length, table class/id
+    path.write_bytes(bytes(data))
+
+
+def garbage_between_markers(path, seed=0):
+    """Insert 64 random bytes into the JPEG at `path` between two header segments (before
+    its frame header): Pillow's decoder skips them with a warning, DALI's CPU decoder
+    segfaulted on such a file under horovodrun (exit 139)."""
+    path = Path(path)
+    data = path.read_bytes()
+    offset = next(o for o, marker in _jpeg_segments(data) if marker == 0xC0)
+    junk = np.random.default_rng(seed).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    path.write_bytes(data[:offset] + junk + data[offset:])
