@@ -35,7 +35,8 @@ def do_train(dump, argv):
 
 def do_evaluate(out, argv):
     from hvdscale.engine.checkpoint import CheckpointStore
-    args = parse(argv + ["--no-horovod", "--out", out])
+    # --resume: this reads the trained run in `out` (a new run there would be refused)
+    args = parse(argv + ["--no-horovod", "--out", out, "--resume"])
     engine = train_cmd.build_engine(args)
     engine.backend.build()
     meta, path = CheckpointStore(Path(out) / "checkpoints").latest()
