@@ -59,7 +59,7 @@ def test_kill_one_rank_then_resume(controller, uninterrupted, tmp_path):
             proc.kill()
             proc.communicate()
     print(f"{controller}: job ended {took:.1f} s after kill -9 of rank 1, exit "
-          f"{proc.returncode}")                        # for docs/reliability.md (pytest -s)
+          f"{proc.returncode}")                        # for benchmarks/RESULTS.md (pytest -s)
     assert proc.returncode != 0, output[-3000:]
     assert took < 60
     for words in LOST_RANK_MESSAGE[controller]:            # the launcher names the lost rank

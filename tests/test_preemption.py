@@ -93,7 +93,7 @@ def test_sigterm_to_horovodrun_then_resume_equals_uninterrupted(framework, tmp_p
         [sys.executable, WORKER, dump]
     cmd = [tool("horovodrun"), "-np", "2", "--gloo", *program, *run, "--out", out]
     output, code, took = signalled_run(cmd, out, lambda proc: proc.send_signal(signal.SIGTERM))
-    print(f"{framework}: horovodrun exited {code} {took:.1f} s after SIGTERM")  # reliability.md
+    print(f"{framework}: horovodrun exited {code} {took:.1f} s after SIGTERM")  # benchmarks/RESULTS.md
     # horovodrun's own exit code races with its teardown: after a rank has exited, Horovod's
     # safe_shell_exec SIGSTOPs and SIGTERMs that rank's executor shell, so a rank that exited 0
     # is sometimes reported as 143 and horovodrun exits 1 (seen once in a full suite run, TF).

@@ -11,7 +11,7 @@ Each case runs `hvdscale train` as a user would, under `horovodrun -np 2` where 
   checkpoint + preempted.json, no KeyboardInterrupt traceback; `--resume` runs that evaluation.
 - a data factory giving the ranks different numbers of examples (under horovodrun), and one
   giving no test examples: one line and exit 2 at start instead of a hang / accuracy 0.0.
-The numbers in docs/reliability.md ("Preemption timing and bad data") are printed here.
+The numbers in benchmarks/RESULTS.md ("Preemption timing and bad data") are printed here.
 """
 import json
 import os

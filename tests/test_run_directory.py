@@ -186,4 +186,4 @@ def test_unusable_out_is_one_line_within_a_second(case, tmp_path):
     imported = {l.split("|")[-1].strip() for l in proc.stderr.splitlines()
                 if l.startswith("import time:")}
     assert not imported & {"torch", "tensorflow", "horovod"}, imported & {"torch", "tensorflow"}
-    assert took < 3, f"took {took:.2f} s"      # under a second unloaded (docs/reliability.md)
+    assert took < 3, f"took {took:.2f} s"      # under a second unloaded (benchmarks/RESULTS.md)

@@ -16,7 +16,7 @@ then `--resume`. After every session the run directory is checked: every checkpo
 parses and names a state file of its recorded size that torch loads, metrics.jsonl and
 preempted.json are whole JSON lines. A round ends when a session completes; its final weights
 must equal those of one uninterrupted run. Rounds repeat until the time is up. Deselected by
-`make test` (marker soak); the result of the last full run is in docs/reliability.md.
+`make test` (marker soak); the result of the last full run is in benchmarks/RESULTS.md ("Soak").
 """
 import json
 import os
