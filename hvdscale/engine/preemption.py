@@ -24,8 +24,8 @@ step (the longest: tracing, allocation) stops the run right after step 1. Outsid
 the ranks agree with `agree_now`, one blocking allreduce: between chunks of an evaluation
 (hvdscale/engine/evaluation.py: a long evaluation is abandoned, not finished) and after each
 checkpoint (a signal that came during the save makes that checkpoint the preemption one, instead
-of a second save a step later). Measured times: docs/reliability.md, "Preemption timing and bad
-data".
+of a second save a step later). Measured times: benchmarks/RESULTS.md, "Preemption timing and
+bad data".
 
 A second signal while the checkpoint is being written is only counted (the handler stays
 installed), so it cannot interrupt the save; a SIGKILL cannot be caught, but checkpoints are
