@@ -56,13 +56,21 @@ def test_protocols_follow_the_rule_and_choose_on_validation(tmp_path, optimizer,
             assert r["lr"] == pytest.approx(lr_ref * (r["batch"] / 32) ** power, rel=1e-12)
     # the settle step at B_ref picked the best validation accuracy, never the test one
     settle = [r for r in runs if r["role"] == "tune" and r["batch"] == 32]
-    assert len(settle) == len(s.ref_lr_factors) * (2 if optimizer == "lars" else 1)
+    assert len([r for r in settle if not r["extension"]]) == \
+        len(s.ref_lr_factors) * (2 if optimizer == "lars" else 1)
     best = max(settle, key=lambda r: (r["val_accuracy"], -r["lr"]))
     assert (best["lr"], best["options"]) == (lr_ref, info["settled_options"])
     # (b) >= 4 lrs around the rule's, the best on validation, fresh seeds for the measurement
     tune = [r for r in runs if r["protocol"] == "tuned" and r["role"] == "tune"]
-    assert sorted(r["lr"] for r in tune) == pytest.approx(
+    assert sorted(r["lr"] for r in tune if not r["extension"]) == pytest.approx(
         sorted(lr_ref * 4 ** power * f for f in s.lr_factors))
+    # a grid is only extended past the edge its best sat on, by halving or doubling
+    for grid in (settle, tune):
+        base = [r for r in grid if not r["extension"]]
+        for k, r in enumerate(r for r in grid if r["extension"]):
+            before = base + [e for e in grid if e["extension"]][:k]
+            lrs = [b["lr"] for b in before]
+            assert r["lr"] in (pytest.approx(min(lrs) / 2), pytest.approx(max(lrs) * 2))
     assert info["chosen_lr"]["128"] == max(tune, key=lambda r: (r["val_accuracy"],
                                                                 -r["lr"]))["lr"]
     measure = [r for r in runs if r["role"] == "measure"]
@@ -71,9 +79,39 @@ def test_protocols_follow_the_rule_and_choose_on_validation(tmp_path, optimizer,
     # every planned run was run, no more
     planned = sweep.plan(s, sweep.read_setting(RECIPES[optimizer]), len(st.data[0]))
     key = lambda r: (r["protocol"], r["role"], r["batch"], r["seed"])  # noqa: E731
-    assert sorted(map(key, planned)) == sorted(map(key, runs))
+    assert sorted(key(p) for p in planned if not p.get("extension")) == \
+        sorted(key(r) for r in runs if not r["extension"])
+    for k in {key(p) for p in planned}:      # extensions: within the planned upper bound
+        assert sum(key(r) == k and r["extension"] for r in runs) <= \
+            sum(key(p) == k and p.get("extension", False) for p in planned)
     assert all(r["steps"] == p["steps"] for r in runs for p in planned
                if key(r) == key(p) and not r["diverged"])
+
+
+def _tune(optimum, factors, extend, diverge_above=None):
+    """extend_to_interior on a validation accuracy that peaks at lr = `optimum` (a parabola
+    in log2 lr; chance above `diverge_above`), starting from `factors`."""
+    def record(lr, options=None):
+        acc = 0.1 if diverge_above and lr > diverge_above else \
+            0.9 - 0.01 * (np.log2(lr) - np.log2(optimum)) ** 2
+        return {"lr": lr, "options": options or {}, "val_accuracy": acc}
+    return sweep.extend_to_interior([record(f) for f in factors], record, extend)
+
+
+def test_grid_grows_past_the_edge_until_the_best_lr_is_inside():
+    grid = [0.25, 0.5, 1.0, 2.0]
+    # optimum at 1/16: three halvings reach 1/32, and the best (1/16) is then inside
+    lrs = [r["lr"] for r in _tune(1 / 16, grid, extend=5)]
+    assert lrs[4:] == [0.125, 0.0625, 0.03125]
+    assert sweep.choose_on_validation(_tune(1 / 16, grid, 5))["lr"] == 0.0625
+    # optimum at 8 (LARS/LAMB wanted larger lrs): doubling
+    assert [r["lr"] for r in _tune(8.0, grid, 5)][4:] == [4.0, 8.0, 16.0]
+    # an interior optimum adds nothing; the budget caps the growth
+    assert len(_tune(0.7, grid, 5)) == 4
+    assert len(_tune(1e-4, grid, 2)) == 6
+    # everything diverged (chance everywhere): the grid goes down, not up
+    lrs = [r["lr"] for r in _tune(0.01, grid, 3, diverge_above=0.1)]
+    assert lrs[4:] == [0.125, 0.0625, 0.03125]
 
 
 def test_choices_do_not_depend_on_test_labels(tmp_path):
@@ -91,18 +129,19 @@ def test_plan_counts_and_the_wall_estimate():
     settings = sweep.StudySettings(recipes=[RECIPES["lars"]], batch_sizes=[64, 256, 1024],
                                    target=0.8, epochs=2, seeds=[1, 2, 3])
     runs = sweep.plan(settings, sweep.read_setting(RECIPES["lars"]), 55000)
-    # settle: 3 lrs x 2 trust coefficients; scaled: 3 batches x 3 seeds; tuned: 2 x (4 + 3)
-    assert len(runs) == 6 + 9 + 14
+    # settle: 3 lrs x 2 trust coefficients (+ 3 extensions at most); scaled: 3 batches x 3
+    # seeds; tuned: 2 x (4 + 3 extensions at most + 3)
+    assert len(runs) == 6 + 3 + 9 + 20
     costs = {b: {"step_s": step, "eval_s": 0.1, "run_s": 0.5, "probe_s": 0.3}
              for b, step in ((64, 0.002), (256, 0.005), (1024, 0.02))}
     est = timing.estimate(runs, costs, evals_per_run=16, jobs=3, cores=2,
                           probes_per_setting=sweep.probes_planned(settings))
-    by_batch = {64: 6 + 3, 256: 3 + 7, 1024: 3 + 7}
+    by_batch = {64: 6 + 3 + 3, 256: 3 + 10, 1024: 3 + 10}
     steps = {b: 2 * (55000 // b) for b in by_batch}
     # 16 evaluations and the rest of each run; 32 snapshots x 3 seeds probed at most
     cpu = sum(n * (steps[b] * costs[b]["step_s"] + 16 * 0.1 + 0.5)
               for b, n in by_batch.items()) + 96 * 0.3
-    assert est["runs"] == 29 and est["cpu_s"] == pytest.approx(cpu)
+    assert est["runs"] == 38 and est["cpu_s"] == pytest.approx(cpu)
     assert est["wall_s"] == pytest.approx(cpu)          # one optimizer: one process busy
 
 

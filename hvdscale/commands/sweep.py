@@ -32,6 +32,9 @@ def add_arguments(parser):
                         help="tuned protocol: these multiples of the rule's lr (>= 4)")
     parser.add_argument("--ref-lr-factors", default=",".join(map(str, d.ref_lr_factors)),
                         help="multiples of the recipe's lr tried at B_ref to settle lr_ref")
+    parser.add_argument("--lr-extend", type=int, default=d.lr_extend,
+                        help="grow an lr grid by up to this many runs (half the lowest, twice "
+                             "the highest) while its best lr is at an edge")
     parser.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                         help="linear warm-up over this fraction of the budget")
     parser.add_argument("--evals-per-run", type=int, default=d.evals_per_run)
@@ -114,6 +117,7 @@ def settings_from_args(args):
         target=args.target, epochs=args.epochs, seeds=seeds, tune_seed=args.tune_seed,
         lr_factors=_floats("--lr-factors", args.lr_factors),
         ref_lr_factors=_floats("--ref-lr-factors", args.ref_lr_factors),
+        lr_extend=args.lr_extend,
         warmup_fraction=args.warmup_fraction, evals_per_run=args.evals_per_run,
         validation=args.validation, probe_micro=micro, probe_count=count,
         snapshots_per_run=args.snapshots, noise_window=args.noise_window,
@@ -153,8 +157,10 @@ def show_plan(settings):
                           probes_per_setting=sweep.probes_planned(settings))
     counts = {}
     for r in runs:
-        key = f"{r['setting']} {r['protocol']}/{r['role']}"
+        key = f"{r['setting']} {r['protocol']}/{r['role']}" + \
+            (" (grid extensions, at most)" if r.get("extension") else "")
         counts[key] = counts.get(key, 0) + 1
+    # an upper bound: grid extensions are counted as if every grid ended at an edge
     report = {"command": _command(), "runs": est["runs"], "runs_by_kind": counts,
               "cpu_s": round(est["cpu_s"]), "wall_s_estimate": round(est["wall_s"]),
               "processes": est["processes"],

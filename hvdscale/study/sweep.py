@@ -17,6 +17,9 @@ Plan per optimizer, B_ref = the smallest batch:
 - tuned: at every batch above B_ref, `lr_factors` x the rule's lr with `tune_seed` (role
   "tune"), the best final validation accuracy chosen, then re-run with the fresh seeds (role
   "measure"). At B_ref the tuned lr is lr_ref: its runs are the scaled protocol's (not repeated).
+- both grids (settle and tuned) grow past an edge while their best lr sits on it: half the
+  lowest or twice the highest lr, at most `lr_extend` more runs (`extend_to_interior`), so a
+  choice is not an artefact of where the grid happened to end.
 """
 import itertools
 import json
@@ -49,6 +52,7 @@ class StudySettings:
     tune_seed: int = 0
     lr_factors: list = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     ref_lr_factors: list = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    lr_extend: int = 3               # extra lrs per grid while its best sits at an edge
     warmup_fraction: float = 0.1
     evals_per_run: int = 16
     validation: int = 5000
@@ -127,6 +131,8 @@ def check(settings):
         raise ConfigError(f"--probe {settings.probe_count}x{settings.probe_micro} needs "
                           f"{settings.probe_count * settings.probe_micro} training images, the "
                           f"training split has {n}")
+    if settings.lr_extend < 0:
+        raise ConfigError(f"--lr-extend must be >= 0, got {settings.lr_extend}")
     if not 0 <= settings.warmup_fraction < 1:
         raise ConfigError(f"--warmup-fraction must be in [0, 1), got {settings.warmup_fraction}")
     labels = [read_setting(r).label for r in settings.recipes]
@@ -151,16 +157,21 @@ def settle_grid(setting: Setting, b_ref: int, factors) -> List[dict]:
 def plan(settings: StudySettings, setting: Setting, n_train: int) -> List[dict]:
     """Every run of one optimizer as {protocol, role, batch, seed, lr or None}: the lrs of the
     settle and tuned steps depend on earlier results, so they are given as relative factors
-    (`factor`) here; the count and the steps are what --plan needs."""
+    (`factor`) here; the count and the steps are what --plan needs. Grid extensions
+    (`extension: True`) are the most `extend_to_interior` may add: an upper bound."""
     b_ref = settings.batch_sizes[0]
     runs = [dict(protocol="scaled", role="tune", batch=b_ref, seed=settings.tune_seed, **g)
             for g in settle_grid(setting, b_ref, settings.ref_lr_factors)]
+    runs += [dict(protocol="scaled", role="tune", batch=b_ref, seed=settings.tune_seed,
+                  extension=True) for _ in range(settings.lr_extend)]
     for batch in settings.batch_sizes:
         runs += [dict(protocol="scaled", role="measure", batch=batch, seed=s)
                  for s in settings.seeds]
         if batch != b_ref:
             runs += [dict(protocol="tuned", role="tune", batch=batch, seed=settings.tune_seed,
                           factor=f) for f in settings.lr_factors]
+            runs += [dict(protocol="tuned", role="tune", batch=batch, seed=settings.tune_seed,
+                          extension=True) for _ in range(settings.lr_extend)]
             runs += [dict(protocol="tuned", role="measure", batch=batch, seed=s)
                      for s in settings.seeds]
     for r in runs:
@@ -233,7 +244,8 @@ class Study:
         return load_config(setting.recipe, overrides)
 
     # ---------------------------------------------------------------- one run
-    def _run(self, setting, protocol, role, batch, lr, seed, options, snapshot_every=0):
+    def _run(self, setting, protocol, role, batch, lr, seed, options, snapshot_every=0,
+             extension=False):
         from hvdscale.study.engine_run import CHANCE, run_with_engine
 
         # the online noise-scale EMA beside the probes: on the runs that keep snapshots
@@ -249,7 +261,7 @@ class Study:
             "test_accuracy": res.test_accuracy, "steps": res.steps_run,
             "budget_steps": cfg.train.max_steps or steps_of(self.s, batch, len(train)),
             "steps_to_target": res.steps_to_target, "status": res.status,
-            "diverged": diverged, "wall_s": round(res.wall_s, 3),
+            "diverged": diverged, "wall_s": round(res.wall_s, 3), "extension": extension,
             "evals": [[s, round(a, 4), None if l is None else round(l, 4)]
                       for s, a, l, _ in res.evals],
         }
@@ -272,6 +284,10 @@ class Study:
         tried = [self._run(setting, "scaled", "tune", b_ref, g["lr"], s.tune_seed,
                            g["options"])[0]
                  for g in settle_grid(setting, b_ref, s.ref_lr_factors)]
+        tried = extend_to_interior(
+            tried, lambda lr, opts: self._run(setting, "scaled", "tune", b_ref, lr,
+                                              s.tune_seed, opts, extension=True)[0],
+            s.lr_extend)
         best = choose_on_validation(tried)
         lr_ref, options = best["lr"], best["options"]
         info.update(lr_ref=lr_ref, settled_options=options)
@@ -292,6 +308,11 @@ class Study:
             center = rule_lr(lr_ref, b_ref, batch, setting.scaling)
             tried = [self._run(setting, "tuned", "tune", batch, center * f, s.tune_seed,
                                options)[0] for f in s.lr_factors]
+            tried = extend_to_interior(
+                tried, lambda lr, opts, b=batch: self._run(setting, "tuned", "tune", b, lr,
+                                                           s.tune_seed, opts,
+                                                           extension=True)[0],
+                s.lr_extend)
             lr = choose_on_validation(tried)["lr"]
             info["lr_grid"][str(batch)] = sorted(r["lr"] for r in tried)
             info["chosen_lr"][str(batch)] = lr
@@ -371,6 +392,25 @@ def probes_planned(settings) -> int:
     """Noise probes per optimizer, at most: every snapshot of the first seed's B_ref run, and
     the window snapshots of the others (bounded here by all of theirs)."""
     return settings.snapshots_per_run * len(settings.seeds)
+
+
+def extend_to_interior(tried, run_lr, extend):
+    """Grows an lr grid past its edge while the best run on validation sits on it: the next
+    lr is half the lowest (best at the low end, or everything diverged) or twice the highest
+    lr tried with the best run's options, one run at a time, at most `extend` more runs.
+    `run_lr(lr, options)` returns the new run's record; returns every record."""
+    tried = list(tried)
+    for _ in range(extend):
+        best = choose_on_validation(tried)
+        lrs = sorted(r["lr"] for r in tried if r["options"] == best["options"])
+        if best["lr"] == lrs[0]:
+            lr = lrs[0] / 2
+        elif best["lr"] == lrs[-1]:
+            lr = lrs[-1] * 2
+        else:
+            break
+        tried.append(run_lr(lr, best["options"]))
+    return tried
 
 
 def choose_on_validation(records):
