@@ -76,20 +76,31 @@ def write_plots(payload, out):
     import matplotlib.pyplot as plt
 
     names = []
+    # the y range shows the band where optimizers differ; a mean below it (runs at chance,
+    # diverged) is drawn as a down triangle on the bottom edge instead of stretching the axis
+    means = [v["estimate"] for by in payload["summary"].values() for p in PROTOCOLS
+             for v in by[p]["accuracy_pct"].values() if v]
+    top = max(means) + 0.5
+    bottom = max(min(means), top - 12.0) - 0.5
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, p in zip(axes, PROTOCOLS):
         for opt, by in payload["summary"].items():
             acc = {int(b): v for b, v in by[p]["accuracy_pct"].items() if v}
-            xs = sorted(acc)
-            ys = [acc[b]["estimate"] for b in xs]
-            err = [[acc[b]["estimate"] - acc[b]["ci_low"] for b in xs],
-                   [acc[b]["ci_high"] - acc[b]["estimate"] for b in xs]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=opt,
+            shown = [b for b in sorted(acc) if acc[b]["estimate"] >= bottom]
+            low = [b for b in sorted(acc) if acc[b]["estimate"] < bottom]
+            ys = [acc[b]["estimate"] for b in shown]
+            err = [[acc[b]["estimate"] - max(acc[b]["ci_low"], 0.0) for b in shown],
+                   [min(acc[b]["ci_high"], 100.0) - acc[b]["estimate"] for b in shown]]
+            ax.errorbar(shown, ys, yerr=err, marker="o", capsize=3, label=opt,
                         color=COLORS.get(opt))
+            if low:
+                ax.plot(low, [bottom + 0.15] * len(low), "v", color=COLORS.get(opt),
+                        markersize=8)
+        ax.set_ylim(bottom, top)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"protocol: {p}")
+        ax.set_title(f"protocol: {p} (v: mean below the axis)")
         ax.set_xlabel("global batch")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel("test accuracy (%), 95 % t-interval")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(Path(out) / "accuracy_vs_batch.png", dpi=110)
@@ -119,20 +130,25 @@ def write_plots(payload, out):
     plt.close(fig)
     names.append("steps_vs_batch.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for opt, n in payload["noise"].items():
         for probe in n["probes"][:1]:
             pts = [(o["step"], o["b_simple"]) for o in probe["over_training"]
-                   if o["b_simple"] is not None]
+                   if o["b_simple"] is not None and o["b_simple"] > 0]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=f"{opt} probe", color=COLORS.get(opt))
             if probe["online_trace"]:
                 ax.plot(*zip(*probe["online_trace"]), ":", label=f"{opt} online EMA",
                         color=COLORS.get(opt))
-    ax.set_xlabel("step at B_ref")
+            target, w = probe.get("steps_to_target"), (n.get("b_noise") or {}).get("window")
+            if target and w:      # the window whose probes give B_noise
+                ax.axvspan(target * (1 - w), target * (1 + w), color=COLORS.get(opt),
+                           alpha=0.08)
+    ax.set_yscale("log")
+    ax.set_xlabel("step at B_ref (shaded: the window around the target)")
     ax.set_ylabel("B_simple")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(Path(out) / "noise_scale.png", dpi=110)
     plt.close(fig)
