@@ -245,11 +245,14 @@ register_data_kind(DataKindInfo(
 # ------------------------------------------------------------------------------ launchers
 @dataclass(frozen=True)
 class LauncherInfo:
-    """One way to start workers. `command(layout, plan, env) -> argv` (hvdscale/launch.py)."""
+    """One way to start workers. `command(layout, plan, env) -> argv` (hvdscale/launch/argv.py);
+    `plan(layout, env) -> Plan` (hvdscale/launch/plan.py); `missing`: what to do when its
+    executable is not on PATH (`hvdscale launch` says it)."""
     name: str
     description: str
     command: Builder
-    plan: Builder = "hvdscale.launch:plan_hosts"
+    plan: Builder = "hvdscale.launch.plan:plan_hosts"
+    missing: str = "install it"
 
 
 LAUNCHERS: "Registry[LauncherInfo]" = Registry("launcher", "--launcher")
@@ -260,11 +263,15 @@ def register_launcher(info: LauncherInfo, *, replace: bool = False) -> LauncherI
 
 
 register_launcher(LauncherInfo("horovodrun", "Horovod's launcher (Gloo or MPI; elastic jobs)",
-                               "hvdscale.launch:horovodrun_command"))
+                               "hvdscale.launch.argv:horovodrun_command",
+                               missing="install Horovod (launchers/install.sh)"))
 register_launcher(LauncherInfo("mpirun", "OpenMPI's mpirun (-bind-to none, -x forwarding)",
-                               "hvdscale.launch:mpirun_command"))
+                               "hvdscale.launch.argv:mpirun_command",
+                               missing="install OpenMPI (launchers/install.sh does)"))
 register_launcher(LauncherInfo("srun", "SLURM's srun inside an allocation (PMIx/PMI2)",
-                               "hvdscale.launch:srun_command", "hvdscale.launch:plan_srun"))
+                               "hvdscale.launch.argv:srun_command",
+                               "hvdscale.launch.plan:plan_srun",
+                               missing="run inside a SLURM allocation (sbatch/salloc)"))
 
 
 # ------------------------------------------------------------------------------ entry points
