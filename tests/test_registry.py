@@ -103,6 +103,7 @@ def test_a_registered_launcher_missing_from_path_is_one_line(monkeypatch):
     with no hint gets the default), not from a table of the built-in names."""
     import argparse
     from hvdscale.commands import launch as launch_cmd
+    from hvdscale.launch import machine
     info = registry.register_launcher(registry.LauncherInfo(
         "nosuch-launcher", "not installed anywhere",
         lambda layout, plan, env: ["nosuch-launcher", *layout.command]))
@@ -111,8 +112,7 @@ def test_a_registered_launcher_missing_from_path_is_one_line(monkeypatch):
         launch_cmd.add_arguments(parser)
         args = parser.parse_args(["--launcher", "nosuch-launcher", "--np", "1", "--", "true"])
         monkeypatch.setenv("PATH", "/nonexistent")
-        for name in ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_RANK",
-                     "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK"):
+        for name in machine.RANK_VARIABLES:     # when run inside a launched job
             monkeypatch.delenv(name, raising=False)
         with pytest.raises(ConfigError, match="^nosuch-launcher not found on PATH: install it, "
                                               "or pick another --launcher$"):
