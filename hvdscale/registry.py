@@ -220,6 +220,9 @@ class DataKindInfo:
     channels: int = 3
     fixed: Mapping[str, int] = field(default_factory=dict)
     arrays: Optional[Builder] = None     # in memory: (data_cfg, seed) -> data.arrays.RawArrays
+    # image files on disk, read by DALI's file reader: (data_cfg, train, check, threads) -> a
+    # data.imagefolder listing (files, labels, classes, skipped, root)
+    files: Optional[Builder] = None
 
 
 DATA_KINDS: "Registry[DataKindInfo]" = Registry("data kind", "data.kind")
@@ -239,7 +242,8 @@ register_data_kind(DataKindInfo(
     "hvdscale.data:array_sources", arrays="hvdscale.data.synthetic:load_raw"))
 register_data_kind(DataKindInfo(
     "imagefolder", "ImageNet-layout folders (data.path/train, data.path/val) through DALI",
-    "hvdscale.data:dali_sources", "hvdscale.data:check_dali"))
+    "hvdscale.data:dali_sources", "hvdscale.data:check_dali",
+    files="hvdscale.data.dali.inputs:list_split"))
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -398,7 +402,9 @@ class BackendInfo:
     optimizers / models: builders of the built-in optimizers and models this backend has;
     model_check(model, cfg, where): checks a user's factory model (type, logits shape);
     elastic_groups: grouped gradient allreduce allowed in elastic runs;
-    study: the critical-batch study's in-process runs support this backend.
+    study: the critical-batch study's in-process runs support this backend;
+    dali: its hvdscale.data.dali.DaliOutput (what DALI's output becomes for it), None = this
+        backend cannot read data kinds through DALI.
     """
     name: str
     description: str
@@ -415,6 +421,7 @@ class BackendInfo:
     model_check: Optional[Builder] = None
     elastic_groups: bool = True
     study: bool = False
+    dali: Optional[Builder] = None
 
     def native_names(self, key: str) -> Tuple[str, ...]:
         """This framework's keyword(s) for a recipe's optimizer option."""
