@@ -161,7 +161,8 @@ class _Pending:
 
 
 # Variables by which horovodrun, mpirun, PMI(x) and Slurm tell a process how many ranks the
-# job has (the same list `hvdscale train` checks).
+# job has. `hvdscale train` checks the same ones but SLURM_NTASKS (commands/train.py), which
+# a batch script's own shell has too; here counting too many only keeps Horovod's default.
 WORLD_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE",
                    "SLURM_NTASKS")
 # With one worker nothing goes through Horovod (its optimizers register no hooks and Comm skips

@@ -479,9 +479,6 @@ def _check_consistency(cfg):
     if lr.decay in ("cosine", "polynomial") and lr.end_lr >= cfg.optimizer.base_lr:
         raise ConfigError(f"lr.end_lr ({lr.end_lr:g}) must be below optimizer.base_lr "
                           f"({cfg.optimizer.base_lr:g})")
-    if t.eval_every_epochs is None and t.eval_every_steps is None:
-        # still evaluated at the end; that is allowed, nothing to check
-        pass
     _check_adaptive(cfg)
     for entry in cfg.callbacks:
         if not registry.is_entry_point(entry):

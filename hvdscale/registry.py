@@ -220,6 +220,9 @@ class DataKindInfo:
     channels: int = 3
     fixed: Mapping[str, int] = field(default_factory=dict)
     arrays: Optional[Builder] = None     # in memory: (data_cfg, seed) -> data.arrays.RawArrays
+    # image files on disk, read by DALI's file reader: (data_cfg, train, check, threads) -> a
+    # data.imagefolder listing (files, labels, classes, skipped, root)
+    files: Optional[Builder] = None
 
 
 DATA_KINDS: "Registry[DataKindInfo]" = Registry("data kind", "data.kind")
@@ -239,17 +242,21 @@ register_data_kind(DataKindInfo(
     "hvdscale.data:array_sources", arrays="hvdscale.data.synthetic:load_raw"))
 register_data_kind(DataKindInfo(
     "imagefolder", "ImageNet-layout folders (data.path/train, data.path/val) through DALI",
-    "hvdscale.data:dali_sources", "hvdscale.data:check_dali"))
+    "hvdscale.data:dali_sources", "hvdscale.data:check_dali",
+    files="hvdscale.data.dali.inputs:list_split"))
 
 
 # ------------------------------------------------------------------------------ launchers
 @dataclass(frozen=True)
 class LauncherInfo:
-    """One way to start workers. `command(layout, plan, env) -> argv` (hvdscale/launch.py)."""
+    """One way to start workers. `command(layout, plan, env) -> argv` (hvdscale/launch/argv.py);
+    `plan(layout, env) -> Plan` (hvdscale/launch/plan.py); `missing`: what to do when its
+    executable is not on PATH (`hvdscale launch` says it)."""
     name: str
     description: str
     command: Builder
-    plan: Builder = "hvdscale.launch:plan_hosts"
+    plan: Builder = "hvdscale.launch.plan:plan_hosts"
+    missing: str = "install it"
 
 
 LAUNCHERS: "Registry[LauncherInfo]" = Registry("launcher", "--launcher")
@@ -260,11 +267,15 @@ def register_launcher(info: LauncherInfo, *, replace: bool = False) -> LauncherI
 
 
 register_launcher(LauncherInfo("horovodrun", "Horovod's launcher (Gloo or MPI; elastic jobs)",
-                               "hvdscale.launch:horovodrun_command"))
+                               "hvdscale.launch.argv:horovodrun_command",
+                               missing="install Horovod (launchers/install.sh)"))
 register_launcher(LauncherInfo("mpirun", "OpenMPI's mpirun (-bind-to none, -x forwarding)",
-                               "hvdscale.launch:mpirun_command"))
+                               "hvdscale.launch.argv:mpirun_command",
+                               missing="install OpenMPI (launchers/install.sh does)"))
 register_launcher(LauncherInfo("srun", "SLURM's srun inside an allocation (PMIx/PMI2)",
-                               "hvdscale.launch:srun_command", "hvdscale.launch:plan_srun"))
+                               "hvdscale.launch.argv:srun_command",
+                               "hvdscale.launch.plan:plan_srun",
+                               missing="run inside a SLURM allocation (sbatch/salloc)"))
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -391,7 +402,9 @@ class BackendInfo:
     optimizers / models: builders of the built-in optimizers and models this backend has;
     model_check(model, cfg, where): checks a user's factory model (type, logits shape);
     elastic_groups: grouped gradient allreduce allowed in elastic runs;
-    study: the critical-batch study's in-process runs support this backend.
+    study: the critical-batch study's in-process runs support this backend;
+    dali: its hvdscale.data.dali.DaliOutput (what DALI's output becomes for it), None = this
+        backend cannot read data kinds through DALI.
     """
     name: str
     description: str
@@ -408,6 +421,7 @@ class BackendInfo:
     model_check: Optional[Builder] = None
     elastic_groups: bool = True
     study: bool = False
+    dali: Optional[Builder] = None
 
     def native_names(self, key: str) -> Tuple[str, ...]:
         """This framework's keyword(s) for a recipe's optimizer option."""

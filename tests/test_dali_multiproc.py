@@ -13,7 +13,7 @@ pytestmark = pytest.mark.multiproc
 sys.path.insert(0, str(WORKERS))
 import dali_images  # noqa: E402
 
-from hvdscale.data.dali import tf_plugin_problem  # noqa: E402
+from hvdscale.tensorflow.dali import tf_plugin_problem  # noqa: E402
 
 WORKER = WORKERS / "dali_shards.py"
 N, BATCH, EPOCHS = 37, 4, 2

@@ -15,13 +15,14 @@ import dali_images  # noqa: E402
 
 from hvdscale.data import dali  # noqa: E402
 from hvdscale.data.tfdata import TFDataLoader  # noqa: E402
+from hvdscale.tensorflow.dali import tf_plugin_problem  # noqa: E402
 
 N, BATCH, SIZE = 23, 4, 2
 MEAN = np.array(dali.IMAGENET_MEAN) * 255
 STD = np.array(dali.IMAGENET_STD) * 255
 LOW, HIGH = ((0 - MEAN) / STD).min(), ((255 - MEAN) / STD).max()
 PLUGIN = pytest.param("dali", marks=pytest.mark.skipif(
-    dali.tf_plugin_problem() is not None, reason=f"DALI TF plugin: {dali.tf_plugin_problem()}"))
+    tf_plugin_problem() is not None, reason=f"DALI TF plugin: {tf_plugin_problem()}"))
 
 
 def cfg(path, **kw):

@@ -99,6 +99,17 @@ def test_missing_data_set_is_a_data_error_naming_the_path(tmp_path):
         check_data(cfg.data)
 
 
+def test_imagefolder_without_dali_is_refused_before_training(tmp_path, monkeypatch):
+    """DALI reads image folders: where it is not installed the check says so in one line."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nvidia.dali" else real(name, *a))
+    cfg = config_from_dict({"data": {"kind": "imagefolder", "path": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="^data.kind imagefolder: needs NVIDIA DALI"):
+        check_data(cfg.data)
+
+
 def test_synthetic_sources_are_seeded():
     cfg = config_from_dict({"data": {"kind": "synthetic", "image_size": 8, "train_limit": 64,
                                      "test_limit": 10}, "batch": {"per_worker": 8}})

@@ -52,7 +52,7 @@ def test_local_size_from_the_launcher(env, world, want):
 def test_dali_threads_share_this_nodes_cores_among_its_ranks(monkeypatch):
     """8 ranks on 4 nodes of 16 cores: 8 DALI threads per rank (16 // 2), not 2 (16 // 8)."""
     pytest.importorskip("nvidia.dali")
-    from hvdscale.data import dali
+    from hvdscale.data.dali import sources as dali
     seen = []
     monkeypatch.setattr(dali, "build_train_loader",
                         lambda *a, **k: seen.append(k["num_threads"]) or object())

@@ -103,9 +103,9 @@ def test_horovodrun_local_and_multi_host(controller):
                      *flag, *TRAIN]
     hosts = build(launcher="horovodrun", hosts=(("node1", None), ("node2", None)), gpus_per_node=4,
                   cores_per_node=64, controller=controller, network_interface="ib0")
-    # Gloo may be used: the rendezvous is bound to ib0's address (hvdscale.rendezvous)
+    # Gloo may be used: the rendezvous is bound to ib0's address (hvdscale.launch.horovodrun)
     exe = (["horovodrun"] if controller == "mpi" else
-           [sys.executable, "-m", "hvdscale.rendezvous", "--bind-interface", "ib0", "--"])
+           [sys.executable, "-m", "hvdscale.launch.horovodrun", "--bind-interface", "ib0", "--"])
     assert hosts == ["env", "OMP_NUM_THREADS=16", "NCCL_DEBUG=WARN", *exe, "-np", "8",
                      "-H", "node1:4,node2:4", *flag, "--network-interface", "ib0", *TRAIN]
 
@@ -390,7 +390,7 @@ def test_docs_example_prints_what_the_page_shows(command, expected, env, monkeyp
         got = launch.format_command(launch.build_command(layout, env))
     except ConfigError as err:
         got = f"hvdscale launch: error: {err}"
-    # the interpreter that runs hvdscale.rendezvous is the container's, wherever this .venv is
+    # the interpreter that runs hvdscale.launch.horovodrun is the container's, wherever this .venv is
     got = got.replace(sys.executable, "/opt/hvdscale/.venv/bin/python")
     assert got.replace(str(REPO), "/opt/hvdscale") == expected
 

@@ -13,23 +13,25 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hvdscale"
 # Each backend's own package may name itself.
 OWN_PACKAGES = {b.name: PACKAGE / b.name for b in registry.BACKENDS}
 # Known places still to move, with the reason; the test fails when one of them is clean, so
-# the list only shrinks.
-PENDING = {
-    "data/dali.py": "DALI's framework outputs (torch iterator, TF dataset) move into the "
-                    "backends' packages (issue 24)",
-    "commands/data.py": "compares its own sub-command name `imagefolder`, not a data kind",
-    "engine/tensorboard.py": "hides the torch *module* from tensorboardX's import (whatever "
-                             "the framework), not a framework choice",
-}
+# the list only shrinks (empty since issue 24).
+PENDING = {}
 
 
 def branches(path, names):
-    """(line, name) of every comparison of something with a string constant in `names`."""
+    """(line, name) of every branch on a string constant in `names`: a comparison
+    (`x == "torch"`, `kind in (...)`), a `match` case, or a dispatch table (a dict literal
+    keyed by the name, `{"torch": ...}[framework]`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if not isinstance(node, ast.Compare):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+        elif isinstance(node, ast.MatchValue):
+            sides = [node.value]
+        elif isinstance(node, ast.Dict):
+            sides = [key for key in node.keys if key is not None]
+        else:
             continue
-        for side in (node.left, *node.comparators):
+        for side in sides:
             values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
             for value in values:
                 if isinstance(value, ast.Constant) and value.value in names:
@@ -58,8 +60,13 @@ def test_no_branch_on_a_framework_or_data_kind_name_outside_its_own_package():
 
 
 def test_the_check_finds_a_branch(tmp_path):
-    # the detector itself: a planted comparison is found, a default value is not
+    # the detector itself: planted comparisons, a match case and a dispatch table are found;
+    # a default value, a message and a plain tuple are not
     planted = tmp_path / "x.py"
     planted.write_text('def f(cfg, kind="torch"):\n    if cfg.framework == "torch":\n'
-                       '        return 1\n    return kind in ("synthetic", "other")\n')
-    assert branches(planted, {"torch", "synthetic"}) == [(2, "torch"), (4, "synthetic")]
+                       '        return 1\n    return kind in ("synthetic", "other")\n'
+                       'def g(framework):\n    match framework:\n        case "tensorflow":\n'
+                       '            return 2\n    return {"torch": 3}[framework]\n'
+                       'NAMES = ("torch",)\nMESSAGE = "needs torch"\n')
+    assert sorted(branches(planted, {"torch", "tensorflow", "synthetic"})) == \
+        [(2, "torch"), (4, "synthetic"), (7, "tensorflow"), (9, "torch")]

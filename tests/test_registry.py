@@ -98,6 +98,29 @@ def test_a_registered_launcher_is_used_by_the_command_builder():
         launch.build_command(launch.Layout("echo-launcher", ("x",), np=1), {})
 
 
+def test_a_registered_launcher_missing_from_path_is_one_line(monkeypatch):
+    """`hvdscale launch` names what to do from the launcher's own entry (a registered one
+    with no hint gets the default), not from a table of the built-in names."""
+    import argparse
+    from hvdscale.commands import launch as launch_cmd
+    from hvdscale.launch import machine
+    info = registry.register_launcher(registry.LauncherInfo(
+        "nosuch-launcher", "not installed anywhere",
+        lambda layout, plan, env: ["nosuch-launcher", *layout.command]))
+    try:
+        parser = argparse.ArgumentParser()
+        launch_cmd.add_arguments(parser)
+        args = parser.parse_args(["--launcher", "nosuch-launcher", "--np", "1", "--", "true"])
+        monkeypatch.setenv("PATH", "/nonexistent")
+        for name in machine.RANK_VARIABLES:     # when run inside a launched job
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(ConfigError, match="^nosuch-launcher not found on PATH: install it, "
+                                              "or pick another --launcher$"):
+            launch_cmd.run(args)
+    finally:
+        registry.LAUNCHERS.unregister(info.name)
+
+
 def test_errors_module_stands_alone():
     source = (REPO / "hvdscale" / "errors.py").read_text()
     assert not re.search(r"^\s*(from|import)\s+hvdscale", source, re.M)

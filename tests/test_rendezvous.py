@@ -1,4 +1,4 @@
-"""horovodrun's Gloo rendezvous bound to one address (hvdscale/rendezvous.py): the commands
+"""horovodrun's Gloo rendezvous bound to one address (hvdscale/launch/horovodrun.py): the commands
 `hvdscale launch` builds for it, the warning for every-interface listening, refused options,
 the server really listening on the address only, and a real horovodrun -np 2 job through it.
 The multi-host case (bound to --network-interface on another host's network) is in
@@ -18,7 +18,7 @@ from hvdscale.errors import ConfigError
 
 TRAIN = ("hvdscale", "train", "pipelines/fashion_mnist_lamb.yaml")
 ENV = {"PATH": "/usr/bin:/bin"}
-RENDEZVOUS = [sys.executable, "-m", "hvdscale.rendezvous"]
+RENDEZVOUS = [sys.executable, "-m", "hvdscale.launch.horovodrun"]
 
 
 def layout_for(*options, interfaces=None):
@@ -68,7 +68,7 @@ def test_every_interface_is_warned_about():
 def test_mpi_starts_no_rendezvous():
     for options in (["--controller", "mpi"], ["--launcher", "mpirun"]):
         argv, warning = command_for("--hosts", "node1:2,node2:2", *options)
-        assert "hvdscale.rendezvous" not in argv and warning is None
+        assert "hvdscale.launch.horovodrun" not in argv and warning is None
     with pytest.raises(ConfigError, match="only apply to horovodrun's Gloo controller"):
         command_for("--np", "2", "--controller", "mpi", "--rendezvous-port", "29400")
     with pytest.raises(ConfigError, match="only apply to horovodrun's Gloo controller"):
@@ -100,7 +100,7 @@ def test_bound_server_listens_on_that_address_only():
         pytest.skip("this machine has no non-loopback IPv4 address")
     code = f"""
 import socket
-from hvdscale.rendezvous import bind_rendezvous
+from hvdscale.launch.horovodrun import bind_rendezvous
 bind_rendezvous("127.0.0.1")
 from horovod.runner.http.http_server import RendezvousServer
 from horovod.runner.util import network
@@ -153,9 +153,9 @@ def test_two_workers_through_hvdscale_launch_meet_on_loopback(tmp_path):
 
 
 def test_missing_interface_is_one_line_before_anything_starts(capsys):
-    from hvdscale import rendezvous
+    from hvdscale.launch import horovodrun
     with pytest.raises(SystemExit) as stop:
-        rendezvous.main(["--bind-interface", "nosuch0", "--", "-np", "1", "true"])
+        horovodrun.main(["--bind-interface", "nosuch0", "--", "-np", "1", "true"])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--network-interface nosuch0: this machine (the launcher) has no IPv4 address" in err

@@ -14,6 +14,7 @@ SOURCES = ("fashion-mnist",)
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     make = sub.add_parser("imagefolder", help="write a JPEG image directory (train/ and val/)")
+    make.set_defaults(_action=_imagefolder)
     make.add_argument("out", metavar="OUT", help="new directory to write")
     make.add_argument("--from", dest="source", default="fashion-mnist", choices=SOURCES,
                       help="data set to convert (default fashion-mnist)")
@@ -25,6 +26,7 @@ def add_arguments(parser):
     make.add_argument("--val-limit", type=int, default=None, help="write the first N test images")
     make.add_argument("--quality", type=int, default=90, help="JPEG quality 1..95 (default 90)")
     check = sub.add_parser("check", help="class counts, unreadable files and image sizes of DIR")
+    check.set_defaults(_action=_check)
     check.add_argument("dir", metavar="DIR", help="image directory (with train/ and val/, or one split)")
     check.add_argument("--json", action="store_true", help="print the report as one JSON object")
     check.add_argument("--strict", action="store_true", help="exit 1 when any file is unreadable")
@@ -34,12 +36,11 @@ def add_arguments(parser):
 
 
 def run(args):
-    if args.action == "imagefolder":
-        return _imagefolder(args)
-    if args.action == "check":
-        return _check(args)
-    args._parser.print_help()
-    return 2
+    action = getattr(args, "_action", None)   # set by the chosen sub-command's parser
+    if action is None:
+        args._parser.print_help()
+        return 2
+    return action(args)
 
 
 def _imagefolder(args):

@@ -5,18 +5,18 @@
         -- hvdscale train pipelines/imagenet_resnet50_goyal.yaml
 
 This module only gathers facts (options, environment, cores, uid) into a Layout; the command
-itself comes from the pure builder in hvdscale/launch.py.
+itself comes from the pure builder in the hvdscale.launch package.
 """
 import argparse
 import os
 import shutil
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hvdscale import launch, registry, rendezvous
+from hvdscale import launch, registry
 from hvdscale.errors import ConfigError
+from hvdscale.launch import machine, rendezvous
 
 
 def add_arguments(parser):
@@ -73,7 +73,7 @@ def layout_from_args(args, env, cores, is_root, interfaces=None):
     """The Layout for parsed options; `env`, `cores`, `is_root` and `interfaces`
     ({name: [IPv4, ...]}, default: this machine's) describe this machine."""
     if interfaces is None:
-        interfaces = interface_addresses()
+        interfaces = machine.interface_addresses()
     program = list(args.program)
     if program and program[0] == "--":
         program = program[1:]
@@ -95,88 +95,22 @@ def layout_from_args(args, env, cores, is_root, interfaces=None):
         elastic=args.elastic, min_np=args.min_np, max_np=args.max_np,
         hostfile=hostfile if args.elastic else None, is_root=is_root,
         launcher_args=tuple(args.launcher_arg),
-        rendezvous_addr=rendezvous_address(args, hosts, interfaces),
+        rendezvous_addr=rendezvous.rendezvous_address(
+            args.rendezvous_addr, launcher=args.launcher, controller=args.controller,
+            elastic=args.elastic, hosts=hosts, interfaces=interfaces),
         rendezvous_port=rendezvous.check_port(args.rendezvous_port))
-
-
-def local_addresses(interfaces):
-    return {addr for addrs in interfaces.values() for addr in addrs}
-
-
-def _is_local(host, interfaces):
-    try:
-        return socket.gethostbyname(host) in local_addresses(interfaces) | {"127.0.0.1"}
-    except OSError:
-        return False
-
-
-def rendezvous_address(args, hosts, interfaces):
-    """Where horovodrun's Gloo rendezvous listens: the address given, else loopback when every
-    worker is on this machine; None leaves it to the builder (the address of
-    --network-interface, or every interface with a warning). `interfaces` maps interface
-    names to this machine's IPv4 addresses."""
-    if args.rendezvous_addr:
-        return rendezvous.check_address(args.rendezvous_addr)
-    if args.launcher != "horovodrun" or args.controller == "mpi":
-        return None
-    # Elastic jobs may gain remote hosts later, so they never get loopback.
-    if not args.elastic and all(_is_local(name, interfaces) for name, _ in hosts):
-        return "127.0.0.1"      # (no hosts = localhost)
-    return None
-
-
-def interface_addresses():
-    """{interface: [IPv4 address, ...]} of this machine."""
-    import psutil
-    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
-            for name, addrs in psutil.net_if_addrs().items()}
-
-
-def _next_to_interpreter(name, env):
-    """A bare program name that is not on PATH but is installed next to this Python (the
-    .venv's hvdscale or horovodrun) becomes that absolute path, so workers run this install."""
-    if not name or "/" in name or shutil.which(name, path=env.get("PATH")):
-        return None
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
-# What a launcher sets in each worker's environment. Found in the environment of
-# `hvdscale launch` itself they are left over from another job (a launch from inside a
-# worker, an exported script variable) and would reach the new workers: mpirun's local
-# workers inherit them, and hvdscale and Horovod read HOROVOD_RANK/SIZE before MPI's.
-RANK_VARIABLES = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE",
-                  "HOROVOD_CROSS_RANK", "HOROVOD_CROSS_SIZE", "OMPI_COMM_WORLD_RANK",
-                  "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE",
-                  "PMIX_RANK")
-
-
-def check_environment(env, network_interface, interfaces=None):
-    """One-line ConfigErrors for what would make the launch fail inside Horovod/MPI: rank
-    variables of another job, a --network-interface this machine does not have."""
-    stale = [f"{name}={env[name]}" for name in RANK_VARIABLES if name in env]
-    if stale:
-        raise ConfigError(f"the environment holds another job's rank variables "
-                          f"({', '.join(stale)}): unset them (env -u NAME ...) before "
-                          f"hvdscale launch")
-    if network_interface:
-        if interfaces is None:
-            interfaces = interface_addresses()
-        if network_interface not in interfaces:
-            raise ConfigError(f"--network-interface {network_interface}: no such interface "
-                              f"on this machine (it has {', '.join(sorted(interfaces))})")
 
 
 def run(args):
     env = dict(os.environ)
     if not args.dry_run:        # a dry run may print a command for another machine
-        check_environment(env, args.network_interface)
+        machine.check_environment(env, args.network_interface)
     layout = layout_from_args(args, env, cores=os.cpu_count() or 1, is_root=os.geteuid() == 0)
     if layout.command:
-        resolved = _next_to_interpreter(layout.command[0], env)
+        resolved = machine.next_to_interpreter(layout.command[0], env)
         if resolved:
             layout = replace(layout, command=(resolved, *layout.command[1:]))
-    launcher_path = _next_to_interpreter(layout.launcher, env)
+    launcher_path = machine.next_to_interpreter(layout.launcher, env)
     if launcher_path:
         layout = replace(layout, launcher_path=launcher_path)
     argv = launch.build_command(layout, env)
@@ -188,9 +122,7 @@ def run(args):
         return 0
     exe = launcher_path or layout.launcher
     if shutil.which(exe, path=env.get("PATH")) is None:
-        hint = {"srun": "run inside a SLURM allocation (sbatch/salloc)",
-                "mpirun": "install OpenMPI (launchers/install.sh does)",
-                "horovodrun": "install Horovod (launchers/install.sh)"}[layout.launcher]
+        hint = registry.LAUNCHERS.get(layout.launcher).missing
         raise ConfigError(f"{exe} not found on PATH: {hint}, or pick another --launcher")
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)

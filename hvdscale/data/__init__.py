@@ -70,23 +70,20 @@ def check_fashion_mnist(data_cfg: Any) -> None:
 
 
 def check_dali(data_cfg: Any) -> None:
-    _dali_module()
-
-
-def _dali_module():
+    """imagefolder is read by DALI: refuse it up front where DALI is not installed."""
+    import importlib.util
     try:
-        from hvdscale.data import dali
-    except ImportError as err:
-        raise ConfigError(f"data.kind imagefolder needs the DALI pipeline "
-                          f"(hvdscale.data.dali): {err}") from None
-    if not hasattr(dali, "build_sources"):
-        raise ConfigError("data.kind imagefolder: hvdscale.data.dali has no build_sources() "
-                          "for the training engine yet")
-    return dali
+        found = importlib.util.find_spec("nvidia.dali")
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise ConfigError(f"data.kind {data_cfg.kind}: needs NVIDIA DALI (nvidia-dali), "
+                          f"which is not installed")
 
 
 def dali_sources(cfg: Any, rank: int, size: int) -> Tuple[Any, Any]:
-    return _dali_module().build_sources(cfg, rank, size)
+    from hvdscale.data.dali import build_sources
+    return build_sources(cfg, rank, size)
 
 
 def _layout(cfg: Any) -> str:

@@ -16,21 +16,24 @@ from typing import Optional, Union
 from hvdscale.engine.callbacks import Callback
 
 
+# Modules tensorboardX's package __init__ imports when installed, only to accept their tensors
+# in add_* calls not used here. Loading one for the import alone costs a worker seconds and
+# hundreds of MB (torch in a TensorFlow worker), so those not loaded already are hidden.
+NOT_NEEDED = ("torch",)
+
+
 def _import_tensorboardx():
-    """tensorboardX's package __init__ imports torch when it is installed, only to accept
-    torch tensors in add_* calls we do not use. In a TensorFlow worker that would load torch
-    (seconds and hundreds of MB), so torch is hidden from that one import unless it is
-    loaded already."""
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None          # `import torch` raises ImportError meanwhile
+    """tensorboardX's writer classes, imported with NOT_NEEDED hidden from it."""
+    hidden = [name for name in NOT_NEEDED if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None          # `import torch` raises ImportError meanwhile
     try:
         from tensorboardX import summary
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event
     finally:
-        if hide:
-            del sys.modules["torch"]
+        for name in hidden:
+            del sys.modules[name]
     return summary, EventsWriter, Event
 
 

@@ -27,5 +27,6 @@ def register() -> None:
                     for name in ("sgd", "sgdw", "lars", "lamb", "adamw")},
         models={name: "hvdscale.tensorflow.models:build_from_config"
                 for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp", "mlp4")},
-        model_check="hvdscale.tensorflow.models:check_model"))
+        model_check="hvdscale.tensorflow.models:check_model",
+        dali="hvdscale.tensorflow.dali:OUTPUT"))
 

@@ -198,11 +198,7 @@ class TensorFlowTrainer:
         spec = (tf.TensorSpec((None, *x0.shape[1:]), tf.as_dtype(x0.dtype)),
                 tf.TensorSpec((None,), tf.as_dtype(y0.dtype)))
         dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
-        if self._gpu:
-            dataset = dataset.apply(tf.data.experimental.prefetch_to_device("/gpu:0", 1))
-        else:
-            dataset = dataset.prefetch(1)
-        yield from dataset
+        yield from dataset.apply(tf.data.experimental.prefetch_to_device("/gpu:0", 1))
 
     @staticmethod
     def _as_tensors(batch):

@@ -26,6 +26,7 @@ def register() -> None:
         models={name: "hvdscale.torch.models:build_from_config"
                 for name in ("cnn", "resnet8", "resnet20", "resnet50", "mlp", "mlp4")},
         model_check="hvdscale.torch.models:check_model",
+        dali="hvdscale.torch.dali:OUTPUT",
         # Horovod's grouped DistributedOptimizer broadcasts the parameter order when it is
         # built, which a worker joining a running elastic job would wait on forever
         elastic_groups=False, study=True))

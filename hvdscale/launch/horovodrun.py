@@ -5,47 +5,21 @@ key, on every interface (`('', port)`) at a random port, and has no option to ch
 This wrapper runs horovodrun's own command line in this process with the rendezvous server
 bound to (ADDR, PORT), and tells the workers that same address (HOROVOD_GLOO_RENDEZVOUS_ADDR
 is what Horovod calls the driver address). `hvdscale launch` puts it in front of horovodrun
-whenever the Gloo controller may be used:
+whenever the Gloo controller may be used (hvdscale.launch.rendezvous decides where):
 
-    python -m hvdscale.rendezvous --bind 10.0.0.5 [--port 29400] -- -np 4 -H a:2,b:2 --gloo CMD
-    python -m hvdscale.rendezvous --bind-interface ib0 -- ... --network-interface ib0 CMD
+    python -m hvdscale.launch.horovodrun --bind 10.0.0.5 [--port 29400] -- -np 4 -H a:2,b:2 --gloo CMD
+    python -m hvdscale.launch.horovodrun --bind-interface ib0 -- ... --network-interface ib0 CMD
 
 Only the rendezvous server changes. Horovod's other launcher services (host checks, elastic
 notifications) keep their own ports; their messages are signed with a per-job key.
 """
 import argparse
-import ipaddress
-import socket
 import sys
 from typing import List, Optional
 
 from hvdscale.errors import ConfigError
-
-ALL_INTERFACES = "0.0.0.0"
-
-
-def check_address(addr: str, where: str = "--rendezvous-addr") -> str:
-    """An IPv4 address (what Horovod's workers are given) or a ConfigError naming `where`."""
-    try:
-        return str(ipaddress.IPv4Address(addr))
-    except ValueError:
-        raise ConfigError(f"{where} {addr!r} is not an IPv4 address") from None
-
-
-def check_port(port: Optional[int], where: str = "--rendezvous-port") -> Optional[int]:
-    if port is not None and not 1 <= port <= 65535:
-        raise ConfigError(f"{where} must be between 1 and 65535, got {port}")
-    return port
-
-
-def interface_address(nic: str) -> str:
-    """This machine's first IPv4 address on `nic`."""
-    import psutil
-    for addr in psutil.net_if_addrs().get(nic, ()):
-        if addr.family == socket.AF_INET:
-            return addr.address
-    raise ConfigError(f"--network-interface {nic}: this machine (the launcher) has no IPv4 "
-                      "address on it, so the workers could not reach its rendezvous")
+from hvdscale.launch.rendezvous import (ALL_INTERFACES, check_address, check_port,
+                                        interface_address)
 
 
 def bind_rendezvous(addr: str, port: int = 0) -> None:
@@ -72,7 +46,7 @@ def bind_rendezvous(addr: str, port: int = 0) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hvdscale.rendezvous",
+    parser = argparse.ArgumentParser(prog="python -m hvdscale.launch.horovodrun",
                                      description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--bind", metavar="ADDR",
