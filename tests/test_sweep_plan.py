@@ -153,3 +153,19 @@ def test_bad_settings_are_refused():
                        ({"train_limit": 1024}, "--probe 64x32 needs 2048")):
         with pytest.raises(ConfigError, match=needle):
             sweep.check(sweep.StudySettings(**{**base, **kw}))
+
+
+def test_report_names_a_choice_left_on_a_grid_edge():
+    from hvdscale.study.report import grid_edges
+
+    def run(role, batch, lr, protocol="tuned", options=None):
+        return {"optimizer": "sgd", "protocol": protocol, "role": role, "batch": batch,
+                "lr": lr, "options": options or {}}
+    runs = [run("tune", 512, lr) for lr in (0.1, 0.2, 0.4)] + [run("measure", 512, 0.2)]
+    runs += [run("tune", 1024, lr) for lr in (0.05, 0.1, 0.2)] + [run("measure", 1024, 0.05)]
+    # B_ref's settle grid crosses an option: only the chosen option's lrs count
+    runs += [run("tune", 64, lr, "scaled", {"b": b}) for lr in (0.01, 0.02) for b in (1, 2)]
+    runs += [run("tune", 64, 0.04, "scaled", {"b": 2})]
+    runs += [run("measure", 64, 0.02, "scaled", {"b": 1}), run("measure", 512, 0.16, "scaled")]
+    assert grid_edges(runs) == [("sgd", "scaled", 64, 0.02, "highest"),
+                                ("sgd", "tuned", 1024, 0.05, "lowest")]

@@ -66,8 +66,32 @@ def render(payload, plots):
                          f"({v['ratio']:g}x), difference at {v['b_max']}: "
                          f"{_ci(v['diff_pp'], 2)} pp -> "
                          f"{'yes' if v['pushes_limit'] else 'no'}")
+    edges = grid_edges(payload["runs"])
+    lines += ["", "Chosen lrs still on an edge of their grid after its extensions (the optimum "
+              "may lie beyond): " + (", ".join(f"{o} {p} B={b} lr={lr:.4g} ({side})"
+                                              for o, p, b, lr, side in edges) or "none") + "."]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def grid_edges(runs):
+    """(optimizer, protocol, batch, lr, "lowest" | "highest") for every tuning grid whose chosen
+    lr (the one its measurement runs use) is the lowest or highest lr tried with its options."""
+    out = []
+    keys = {(r["optimizer"], r["protocol"], r["batch"]) for r in runs if r["role"] == "tune"}
+    for opt, protocol, batch in sorted(keys):
+        measured = [r for r in runs if r["role"] == "measure" and r["optimizer"] == opt
+                    and r["batch"] == batch and r["protocol"] == protocol]
+        if not measured:
+            continue
+        chosen, options = measured[0]["lr"], measured[0]["options"]
+        lrs = sorted(r["lr"] for r in runs if r["role"] == "tune" and r["optimizer"] == opt
+                     and r["protocol"] == protocol and r["batch"] == batch
+                     and r["options"] == options)
+        if len(lrs) > 1 and chosen in (lrs[0], lrs[-1]):
+            out.append((opt, protocol, batch, chosen,
+                        "lowest" if chosen == lrs[0] else "highest"))
+    return out
 
 
 def write_plots(payload, out):
