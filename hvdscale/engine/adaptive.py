@@ -15,6 +15,12 @@ for the next global batch and applies it:
 
 The estimate is equal on every rank in principle (its inputs are allreduced), but rank 0's
 reading is broadcast before each decision so that the ranks can never disagree and hang.
+
+--elastic: B_0 is the reference world's batch (the one the job started with), and a world of
+K workers keeps the decided global batch G: the micro-batch stays, the accumulation becomes
+G / (per_worker x K), and a G that does not split so is refused in one line. The decisions
+(segments: lr gain included) and the noise estimator's state ride in each elastic commit, so
+after a reset every rank, a newcomer too, goes on from the committed ones (on_world).
 """
 import dataclasses
 import math
@@ -79,11 +85,40 @@ class AdaptiveBatch(Callback):
         self.segments: List[list] = [[0, 0, self.start_batch, 1.0]]
         self.budget = None              # examples the run trains on (the recipe's plan)
         self._restored: Optional[Dict[str, Any]] = None
+        self._noise = None
+
+    def _enter_world(self, reference_workers: int, workers: int) -> None:
+        """Elastic: B_0 of the reference world; the rule's step is per_worker x K now, its
+        bounds B_0 and max_global rounded onto that step (the decided batch must split)."""
+        b, a = self.cfg.batch, self.settings
+        self.workers = workers
+        self.start_batch = reference_workers * b.per_worker * b.accumulation
+        g = self.granularity = b.per_worker * workers
+        decided = self.segments[-1][2] if self._restored is None \
+            else self._restored["segments"][-1][2]
+        if decided % g:
+            raise ConfigError(f"batch.adaptive with --elastic: the decided global batch "
+                              f"{decided} cannot be split over {workers} workers of "
+                              f"batch.per_worker {b.per_worker} (accumulation "
+                              f"{decided} / {g} is not whole)")
+        self.rule = BatchRule(min_global=-(-self.start_batch // g) * g,
+                              max_global=max(decided, a.max_global // g * g), granularity=g,
+                              threshold=a.threshold, min_samples=a.min_samples,
+                              shrink=a.shrink)
 
     # ------------------------------------------------------------------ hooks
     def on_run_begin(self, engine) -> None:
         if engine.elastic:
-            raise ConfigError("batch.adaptive does not run with --elastic yet")
+            return          # on_world sets the run up once the elastic world is known
+        self._begin(engine)
+
+    def on_world(self, engine) -> None:
+        """Elastic: the engine has (re)entered a world and re-planned it at the reference
+        world's batch; put the committed decisions back on top, at the new worker count."""
+        self._enter_world(engine.reference_workers, engine.comm.size)
+        self._begin(engine)
+
+    def _begin(self, engine) -> None:
         self.budget = engine.total_steps * self.start_batch
         engine.lr = dataclasses.replace(
             engine.lr, schedule=ExamplesSchedule(engine.lr.schedule, self.start_batch,
@@ -95,7 +130,7 @@ class AdaptiveBatch(Callback):
                 noise.load_state_dict(self._restored["noise"])
             self._restored = None
         self._apply(engine, self.segments[-1][2])
-        if engine.global_batch != self.start_batch:
+        if engine.global_batch != self.start_batch and not engine.elastic:
             engine.echo(f"adaptive batch: resumed at global batch {engine.global_batch} "
                         f"(accumulation {engine.per_step // self.cfg.batch.per_worker}), "
                         f"lr x{self.segments[-1][3]:.3g}, {engine.total_steps} steps in all")
@@ -130,9 +165,11 @@ class AdaptiveBatch(Callback):
                         f"{decision.reason}), lr x{new_gain:.3g}")
 
     def state_dict(self) -> Dict[str, Any]:
-        noise = getattr(self, "_noise", None)
+        if self._restored is not None:      # loaded, not applied yet (elastic: before on_world)
+            return self._restored
+        noise = self._noise
         return {"segments": [list(row) for row in self.segments],
-                "noise": noise.state_dict() if noise is not None else None}
+                "noise": dict(noise.state_dict()) if noise is not None else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._restored = state          # applied in on_run_begin, when the engine is at hand

@@ -15,13 +15,18 @@ the statistics read's job, whose result `on_stats` receives).
     on_run_end(engine, ending, summary)   always, last: ending is done | target | stopped |
                                           paused | preempted | error; summary is None unless
                                           done/target/stopped
+    on_world(engine)                      elastic runs: the engine (re)entered a world (its
+                                          first, or one after a reset or a size change), with
+                                          the committed callback state loaded just before
 
 A callback may end the run with engine.request_stop() (ending "stopped" after the current
 step), deciding from values that are equal on every rank.
 
 A callback that carries state across a resume returns it from state_dict() (JSON-able); the
 engine stores it in the checkpoint's sidecar under callbacks[<callback.name>] and hands it to
-load_state_dict() on resume, before on_run_begin.
+load_state_dict() on resume, before on_run_begin. An elastic run also keeps that state in
+each commit: after a reset every rank gets the committed state (rank 0's) through
+load_state_dict(), then on_world().
 """
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -47,6 +52,9 @@ class Callback:
         pass
 
     def on_run_end(self, engine, ending: str, summary: Optional[Dict[str, Any]]) -> None:
+        pass
+
+    def on_world(self, engine) -> None:
         pass
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
@@ -88,6 +96,10 @@ class CallbackList:
     def checkpoint(self, engine, step):
         for cb in self.callbacks:
             cb.on_checkpoint(engine, step)
+
+    def world(self, engine):
+        for cb in self.callbacks:
+            cb.on_world(engine)
 
     def run_end(self, engine, ending, summary):
         first_error = None

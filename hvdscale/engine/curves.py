@@ -25,9 +25,11 @@ class StepCurvesCallback(Callback):
     def __init__(self):
         self._log = None
         self._timed = (0, 0.0)      # (timed steps, timed seconds) at the previous line
+        self._counted = (0, 0)      # (step, examples seen) after the last step
 
     def on_run_begin(self, engine):
         self._timed = (engine.timed_steps, engine.timed_time)
+        self._counted = (engine.step, engine.examples)
         if engine.comm.is_root:
             # a resumed run goes on with its file; a fresh one starts it again
             self._log = MetricsLog(engine.out / STEPS_FILE, append=engine.step > 0)
@@ -36,6 +38,18 @@ class StepCurvesCallback(Callback):
                     engine.cfg.to_dict(), indent=1, default=str) + "\n").encode())
             except OSError as err:     # the report then labels runs less well; no reason to stop
                 engine.echo(f"warning: cannot write {engine.out / RECIPE_FILE}: {err}")
+
+    def on_step_end(self, engine):
+        self._counted = (engine.step, engine.examples)
+
+    on_world = on_step_end       # elastic: the position may have rolled back to a commit
+
+    def _examples(self, engine):
+        """Examples seen up to engine.step: the epoch is counted in examples, as the batch
+        may change (batch.adaptive, elastic); a read inside a step comes before the engine
+        counted that step's examples."""
+        step, examples = self._counted
+        return examples + (engine.step - step) * engine.global_batch
 
     def on_stats(self, engine, stats):
         # the loss over every rank comes with the engine's statistics read; only rank 0 writes
@@ -48,7 +62,8 @@ class StepCurvesCallback(Callback):
         if self._log is None:        # elastic: this rank became rank 0
             self._log = MetricsLog(engine.out / STEPS_FILE, append=True)
         self._log.write({
-            "step": engine.step, "epoch": round(engine.step / engine.steps_per_epoch, 4),
+            "step": engine.step, "epoch": round(self._examples(engine) / engine.epoch_examples,
+                                                4),
             "workers": engine.comm.size,
             "global_batch": engine.global_batch,
             "loss": float(loss_sum / examples) if examples else None,

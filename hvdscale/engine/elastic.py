@@ -23,6 +23,8 @@ This module holds what is framework-neutral: the batch policy when the world siz
   scale_lr(G_K) / scale_lr(G_ref) under `lr.scaling`.
 The LR schedule and the length of the run belong to the reference world (the one the job
 started with), as functions of the optimizer step, so they do not jump when K changes.
+With batch.adaptive (keep_global_batch only) the batch callback then puts its decided global
+batch back on top, at accumulation G / (K * per_worker) (hvdscale/engine/adaptive.py).
 """
 from hvdscale.core.scaling import scale_lr
 from hvdscale.errors import ConfigError
@@ -56,9 +58,10 @@ def check_elastic(cfg, *, stop_after_steps=None, no_horovod=False):
     if BACKENDS.get(cfg.framework).horovod is None:
         raise ConfigError(f"--elastic needs Horovod, which the {cfg.framework} backend does "
                           f"not use")
-    if cfg.batch.adaptive.enabled:
-        raise ConfigError("batch.adaptive does not run with --elastic yet (a world change "
-                          "would reset the decided global batch)")
+    if cfg.batch.adaptive.enabled and cfg.elastic.policy != "keep_global_batch":
+        raise ConfigError(f"elastic.policy {cfg.elastic.policy} does not combine with "
+                          f"batch.adaptive, which keeps its decided global batch when the "
+                          f"world changes (use elastic.policy keep_global_batch)")
     if cfg.horovod.adasum:
         raise ConfigError("elastic training runs on Horovod's Gloo controller: horovod.adasum "
                           "(which needs MPI on CPUs) is not supported with --elastic")

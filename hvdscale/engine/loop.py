@@ -530,7 +530,7 @@ class Engine:
         return {"step": self.step, "examples": self.examples, "train_time": self.train_time,
                 "skipped": self.nonfinite.skipped, "reference_workers": self.reference_workers,
                 "last_accuracy": self.last_accuracy,
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(), "callbacks": self.callbacks.state_dict()}
 
     def _enter_world(self, loop):
         """(Re)start on the world Horovod has now: the loop position from the committed state
@@ -557,6 +557,9 @@ class Engine:
             self.lr = dataclasses.replace(self.lr, schedule=lambda step: base(step) * scale)
         if self.comm.is_root and isinstance(self._log, NullLog):   # rank 0 was lost
             self._log = MetricsLog(self.out / "metrics.jsonl", append=True)
+        self.callbacks.load_state_dict(loop.get("callbacks", {}))   # the committed state
+        self.callbacks.world(self)       # e.g. batch.adaptive puts back its decided batch
+        accumulation = self.per_step // b.per_worker
         if k != self._world:
             self._log.write({"event": "workers", "step": self.step, "workers": k,
                              "policy": cfg.elastic.policy, "global_batch": self.global_batch,

@@ -110,7 +110,47 @@ def figures(runs: Sequence[Run]) -> List[tuple]:
              "learning rate", "epochs", curve("lr", fallback="lr")),
     ]
     if any(len({s.get("global_batch") for s in r.steps}) > 1 for r in runs):
-        figures.append(draw("global_batch.png", "Global batch",
-                            "Changes when workers leave or join an elastic run.",
-                            "global batch", "epochs", curve("global_batch")))
+        figures.append(batch_panels(runs, palette, evals("epoch"), curve("global_batch"),
+                                    curve("lr", fallback="lr"), targets))
     return figures
+
+
+def batch_panels(runs, palette, accuracy, batch, lr, targets):
+    """Test accuracy, the global batch and the learning rate over the same epochs, one panel
+    each: how the batch (batch.adaptive, an elastic world change) moved beside what the
+    accuracy did."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(6.4, 7.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    rows = ((accuracy, "test accuracy", "-", False), (batch, "global batch", "steps-post", True),
+            (lr, "learning rate", "-", False))
+    for ax, (series, ylabel, style, log_y) in zip(axes, rows):
+        for run, color in zip(runs, palette):
+            xs, ys = series(run)
+            pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=color, label=run.label, linewidth=1.8,
+                        drawstyle=style if style != "-" else "default")
+        if log_y:                          # 64, 128, ... rather than 2^6, 2^7
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    for t in sorted(targets):
+        axes[0].axhline(t, color="0.45", linestyle="--", linewidth=1)
+    axes[0].set_title("Accuracy, global batch and learning rate", fontsize=11)
+    axes[-1].set_xlabel("epochs")
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return ("global_batch.png", "Accuracy, global batch and learning rate",
+            "The global batch in force at each point (it grows under batch.adaptive, and "
+            "changes when workers leave or join an elastic run under rescale_lr), beside the "
+            "test accuracy and the learning rate; the dashed line is the target.",
+            buf.getvalue())

@@ -136,8 +136,12 @@ def run_with_engine(cfg, train, validation, test, *, continue_after_target: Opti
                           continue_after_target=continue_after_target,
                           snapshot_every=snapshot_every)
     with tempfile.TemporaryDirectory(prefix="hvdscale-study-") as tmp:
+        # sources: a callback that changes the batch (batch.adaptive) rebuilds the training
+        # source from these arrays
         engine = Engine(cfg, comm, trainer, train_source, val_source, out_dir or tmp,
-                        echo=lambda *a, **k: None, callbacks=[study, *callbacks])
+                        echo=lambda *a, **k: None, callbacks=[study, *callbacks],
+                        sources=lambda c, rank, size: array_batches(c, rank, size, train,
+                                                                    validation))
         try:
             engine.run()
         except NonFiniteLossError:

@@ -315,7 +315,9 @@ class TensorFlowTrainer:
         noise = self.noise_scale
         pieces = noise.micro_batches(accum) if noise is not None else accum
         due = noise is not None and noise.due_now
-        if pieces == 1:
+        # a due noise step takes the accumulation path even with one piece (several workers,
+        # no accumulation): only there is the local gradient seen before the allreduce
+        if pieces == 1 and not due:
             self._step(x, y, tf.constant(lr, tf.float32))
             return
         self.optimizer.learning_rate = lr
