@@ -27,7 +27,7 @@ class StepCurvesCallback(Callback):
         self._timed = (0, 0.0)      # (timed steps, timed seconds) at the previous line
 
     def on_run_begin(self, engine):
-        self._timed = (engine.timed_steps, engine.timed_time)
+        self._timed = (engine.clock.timed_steps, engine.clock.timed_time)
         if engine.comm.is_root:
             # a resumed run goes on with its file; a fresh one starts it again
             self._log = MetricsLog(engine.out / STEPS_FILE, append=engine.step > 0)
@@ -40,9 +40,9 @@ class StepCurvesCallback(Callback):
     def on_stats(self, engine, stats):
         # the loss over every rank comes with the engine's statistics read; only rank 0 writes
         loss_sum, examples = stats["loss_sum_all"], stats["examples_all"]
-        steps = engine.timed_steps - self._timed[0]
-        seconds = engine.timed_time - self._timed[1]
-        self._timed = (engine.timed_steps, engine.timed_time)
+        steps = engine.clock.timed_steps - self._timed[0]
+        seconds = engine.clock.timed_time - self._timed[1]
+        self._timed = (engine.clock.timed_steps, engine.clock.timed_time)
         if not engine.comm.is_root:
             return
         if self._log is None:        # elastic: this rank became rank 0
@@ -55,7 +55,7 @@ class StepCurvesCallback(Callback):
             "lr": engine.lr.schedule(engine.step - 1),
             "images_per_sec": steps * engine.global_batch / seconds
             if steps > 0 and seconds > 0 else None,
-            "elapsed_s": engine.train_time,
+            "elapsed_s": engine.clock.train_time,
         })
 
     def on_run_end(self, engine, ending, summary):

@@ -57,7 +57,7 @@ def broadcast_from_root(hvd, variables):
 class TensorFlowTrainer:
     framework = "tensorflow"
     checkpoint_suffix = ".npz"
-    input_layout = "NHWC"      # what array sources must deliver (hvdscale.data.build_sources)
+    elastic = False            # the engine sets it for --elastic, before build()
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> keras.Model overrides the model zoo (tests use tiny models)."""

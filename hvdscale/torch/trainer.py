@@ -35,9 +35,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TorchTrainer:
     framework = "torch"
     checkpoint_suffix = ".pt"
-    # what array sources deliver (hvdscale.data.build_sources): NHWC, viewed here as NCHW
-    # with channels_last strides (no copy); conv models run channels_last on CPU and CUDA
-    input_layout = "NHWC"
+    elastic = False            # the engine sets it for --elastic, before build()
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> nn.Module overrides the model zoo (tests use tiny models)."""

@@ -1,10 +1,12 @@
-"""NumpyTrainer: the Backend protocol (hvdscale/engine/backend.py) in plain NumPy, one process.
+"""NumpyTrainer: a backend (hvdscale/engine/backend.py) in plain NumPy, one process.
 
-What every backend must do is all here, for real: build (seeded), train_step with micro-batch
-accumulation and the non-finite rule of `faults.nonfinite`, read_stats, evaluate,
-state_bytes/load_state_bytes (an .npz without pickles), parameters, poisoned, device_batches.
-What multi-process runs add is trivial here (one process: sync_statistics has nothing to
-average, broadcast nothing to do), and Horovod's elastic mode is refused.
+What every backend must do (`Backend`) is all here, for real: build (seeded), device_batches,
+poisoned, train_step with micro-batch accumulation and the non-finite rule of
+`faults.nonfinite`, read_stats, evaluate, sync_statistics (nothing to average: one rank).
+Of the optional parts it adds `CheckpointSupport` (state_bytes/load_state_bytes as an .npz
+without pickles, apply_optimizer_settings) and `AccumulationSupport` (set_accumulation); it
+has no `ElasticSupport`, so the engine refuses --elastic with it. `parameters()` is for the
+tests, not the engine.
 """
 import io
 from typing import Any, Dict, Iterable, Iterator, Tuple
@@ -19,9 +21,7 @@ from hvdscale_numpy.nn import cross_entropy
 
 class NumpyTrainer:
     framework = "numpy"
-    checkpoint_suffix = ".npz"
     device_description = "cpu"
-    input_layout = "NHWC"
 
     def __init__(self, cfg: Any, comm: Any, threads: int, model_fn=None):
         """model_fn(cfg) -> model overrides the registry (as the other trainers allow);
@@ -31,7 +31,6 @@ class NumpyTrainer:
         self.precision = cfg.train.precision
         self.nonfinite = cfg.faults.nonfinite
         self.accumulation = cfg.batch.accumulation
-        self.elastic = False
         if self.precision != "fp32":
             raise ConfigError(f"train.precision {self.precision}: the numpy backend runs fp32 "
                               "only")
@@ -119,10 +118,13 @@ class NumpyTrainer:
     def sync_statistics(self) -> None:
         """No state drifts per rank: there is one rank and no BatchNorm."""
 
+    # ------------------------------------------------------------------ AccumulationSupport
     def set_accumulation(self, passes: int) -> None:
         self.accumulation = passes
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ CheckpointSupport
+    checkpoint_suffix = ".npz"
+
     def state_bytes(self) -> bytes:
         arrays = {f"param/{k}": v for k, v in self.model.params.items()}
         arrays.update({f"momentum/{k}": v for k, v in self.optimizer.buffers.items()})
@@ -153,12 +155,6 @@ class NumpyTrainer:
         """Nothing to do: the momentum and weight decay are attributes set from this run's
         recipe in build(), and a checkpoint holds arrays only (never hyper-parameters)."""
 
+    # ------------------------------------------------------------------ for the tests
     def parameters(self) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.model.params.items()}
-
-    # ------------------------------------------------------------------ elastic
-    def elastic_state(self, **fields):
-        raise ConfigError("--elastic: framework numpy has no Horovod to run elastic jobs with")
-
-    def elastic_run(self, fn):
-        raise ConfigError("--elastic: framework numpy has no Horovod to run elastic jobs with")
