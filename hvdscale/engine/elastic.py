@@ -20,8 +20,8 @@ optimizer and the loop position (`Engine.state_dict()`); after a lost worker it 
 to its last commit, after a host change it is synchronised from rank 0, and the loop goes on
 in the new world. A commit every `elastic.commit_every` steps keeps that point in memory.
 
-This module holds what is framework-neutral: ElasticRun, the batch policy when the world size K changes
-(`elastic.policy`), and what --elastic accepts. The policies:
+This module holds what is framework-neutral: ElasticRun, the batch policy when the world size
+K changes (`elastic.policy`), and what --elastic accepts. The policies:
 - `keep_global_batch` keeps G = K_ref * per_worker * accumulation by raising the per-rank
   gradient accumulation to G / (K * per_worker);
 - `rescale_lr` keeps the per-worker batch and multiplies the LR by

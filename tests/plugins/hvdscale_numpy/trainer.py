@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, Tuple
 import numpy as np
 
 from hvdscale.core.scaling import micro_batch_sizes
+from hvdscale.core.step import NonFiniteRule, step_stats
 from hvdscale.engine.faults import poison_batch
 from hvdscale.errors import ConfigError
 from hvdscale_numpy.nn import cross_entropy
@@ -29,7 +30,7 @@ class NumpyTrainer:
         self.cfg, self.comm = cfg, comm
         self.optimizer_name = cfg.optimizer.name
         self.precision = cfg.train.precision
-        self.nonfinite = cfg.faults.nonfinite
+        self.nonfinite = NonFiniteRule(cfg.faults.nonfinite)     # the rule every backend keeps
         self.accumulation = cfg.batch.accumulation
         if self.precision != "fp32":
             raise ConfigError(f"train.precision {self.precision}: the numpy backend runs fp32 "
@@ -84,11 +85,12 @@ class NumpyTrainer:
             part = model.backward(cache, dlogits / n)
             grads = part if grads is None else {k: grads[k] + part[k] for k in grads}
             step_loss += float(losses.sum(dtype=np.float64))
+        rule = self.nonfinite
         loss_ok = np.isfinite(step_loss)
-        bad = False
-        if self.nonfinite != "off":
-            bad = not (loss_ok and all(np.isfinite(g).all() for g in grads.values()))
-        if not (bad and self.nonfinite == "skip"):       # skip: the update is dropped
+        grads_ok = (np.bool_(all(np.isfinite(g).all() for g in grads.values()))
+                    if rule.check_gradients else None)
+        bad = bool(rule.bad(loss_ok, grads_ok))
+        if not (rule.drops_updates and not grads_ok):     # skip: the update is dropped
             self.optimizer.step(model.params, grads, lr)
         if loss_ok:
             self._loss_sum += step_loss
@@ -100,8 +102,8 @@ class NumpyTrainer:
         self._steps += 1
 
     def read_stats(self) -> Dict[str, Any]:
-        stats = {"loss_sum": self._loss_sum, "examples": self._examples, "steps": self._steps,
-                 "nonfinite_steps": self._bad_steps, "first_nonfinite_step": self._first_bad}
+        stats = step_stats(self._loss_sum, self._examples, self._bad_steps,
+                           -1 if self._first_bad is None else self._first_bad, self._steps)
         self._new_stats()
         return stats
 
