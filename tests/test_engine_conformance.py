@@ -320,3 +320,21 @@ def test_elastic_is_refused_for_a_backend_without_horovod(tmp_path):
                           text=True, timeout=60)
     assert "REFUSED --elastic needs Horovod, which the numpy backend does not use" \
         in proc.stdout, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ the Backend core alone
+def test_a_backend_with_only_the_core_trains_writes_no_checkpoint_and_refuses_resume(tmp_path):
+    """hvdscale_numpy/minimal.py has what every backend must do and none of the optional
+    parts (hvdscale/engine/backend.py): the engine checks once and runs without them."""
+    out = tmp_path / "out"
+    recipe = with_changes(framework="numpy_minimal", callbacks=[],
+                          plugins=["hvdscale_numpy", "hvdscale_numpy.minimal"],
+                          train={"max_steps": 12})
+    codes, err = run_sessions(tmp_path, [["--out", str(out)], ["--out", str(out), "--resume"]],
+                              recipe)
+    assert codes == [0, 2], err[-3000:]
+    records, (summary,) = read_log(out)
+    assert [r["step"] for r in records] == [8, 12] and summary["steps"] == 12
+    assert not list(out.glob("checkpoints/step-*"))
+    line = next(l for l in err.splitlines() if "error:" in l)
+    assert "numpy_minimal backend writes no checkpoints" in line, err[-2000:]

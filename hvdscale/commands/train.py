@@ -274,7 +274,7 @@ def run(args):
 
 def _run(engine):
     from hvdscale.engine.faults import lost_worker_message, worker_lost
-    from hvdscale.engine.loop import CheckpointError
+    from hvdscale.engine.checkpointing import CheckpointError
     try:
         result = engine.run()
     except NonFiniteLossError as err:
@@ -288,7 +288,7 @@ def _run(engine):
         if not worker_lost(err):
             raise
         print(f"hvdscale train: error: rank {engine.comm.rank}: "
-              f"{lost_worker_message(engine.step, engine.last_checkpoint_step)}",
+              f"{lost_worker_message(engine.step, engine.checkpoints.last_step)}",
               file=sys.stderr, flush=True)
         return 4
     if engine.comm.is_root:

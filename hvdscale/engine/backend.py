@@ -1,22 +1,27 @@
 """What the engine needs from a framework adapter (hvdscale/torch/trainer.py,
-hvdscale/tensorflow/trainer.py). The engine never imports torch or TensorFlow itself.
+hvdscale/tensorflow/trainer.py, the NumPy fake in tests/plugins/hvdscale_numpy). The engine
+never imports torch or TensorFlow itself.
+
+`Backend` is what every backend must do. What a backend may add is one protocol each, which
+the engine checks with isinstance once: `CheckpointSupport` (checkpoints, --resume,
+preemption saves), `ElasticSupport` (`hvdscale train --elastic`), `AccumulationSupport`
+(the micro-batches per step may change: elastic keep_global_batch, batch.adaptive) and
+`MetricsSupport` (extra numbers in each evaluation record).
 
 Protocol v2 (docs/architecture.md, "Engine protocol"): batches are opaque framework tensors
 already on the worker's device, in the backend's layout; a step never reads the device from
 the host; the engine asks for the step statistics at its log interval only.
 """
-from typing import Any, Callable, Dict, Iterable, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Protocol, Tuple, runtime_checkable
 
 Batch = Any          # (images, labels) as framework tensors on this worker's device
 
 
 class Backend(Protocol):
-    framework: str            # "torch" | "tensorflow"
+    framework: str            # the registered name: "torch" | "tensorflow" | a plugin's
     optimizer_name: str       # what the summary prints, e.g. "lamb"
-    checkpoint_suffix: str    # ".pt" | ".npz"
     device_description: str   # "cpu" or the GPU's name
     precision: str            # "fp32" | "bf16" | "fp16" (train.precision)
-    input_layout: str         # how array sources deliver images ("NHWC" for both today)
 
     def build(self) -> None:
         """Create model and optimizer (master weights fp32), set the precision policy and
@@ -55,6 +60,11 @@ class Backend(Protocol):
         """Average non-trained state that drifts per rank (BatchNorm running statistics), so
         evaluation and checkpoints see one model."""
 
+
+@runtime_checkable
+class CheckpointSupport(Protocol):
+    checkpoint_suffix: str    # the state file's: ".pt" | ".npz"
+
     def state_bytes(self) -> bytes:
         """Model + optimizer state serialised for a checkpoint (safe formats only)."""
 
@@ -66,10 +76,16 @@ class Backend(Protocol):
         betas, momentum, ...) from this run's recipe, not from the loaded state
         (hvdscale/engine/resume.py lists what changed)."""
 
-    def parameters(self) -> Dict[str, Any]:
-        """Trainable parameters by name as NumPy arrays (tests compare them)."""
 
-    # elastic mode (`hvdscale train --elastic`, hvdscale/engine/elastic.py)
+@runtime_checkable
+class AccumulationSupport(Protocol):
+    def set_accumulation(self, passes: int) -> None:
+        """Micro-batches per optimizer step from now on."""
+
+
+@runtime_checkable
+class ElasticSupport(AccumulationSupport, Protocol):
+    """`hvdscale train --elastic` (hvdscale/engine/elastic.py)."""
     elastic: bool             # set by the engine before build(): then build() runs no
     #                           collective (newcomers get rank 0's state from the State's sync)
 
@@ -82,5 +98,9 @@ class Backend(Protocol):
         """The framework's hvd.elastic.run(fn): re-runs fn(state) after a lost peer (state
         restored) or a host change, with Horovod re-initialised for the new world."""
 
-    def set_accumulation(self, passes: int) -> None:
-        """Micro-batches per optimizer step from now on (elastic.policy keep_global_batch)."""
+
+@runtime_checkable
+class MetricsSupport(Protocol):
+    def extra_metrics(self) -> Dict[str, Any]:
+        """Host numbers merged into each evaluation record (e.g. the online noise scale:
+        b_simple, gns_g2, gns_trace, gns_samples); read at evaluations only."""

@@ -28,7 +28,7 @@ class StepCurvesCallback(Callback):
         self._counted = (0, 0)      # (step, examples seen) after the last step
 
     def on_run_begin(self, engine):
-        self._timed = (engine.timed_steps, engine.timed_time)
+        self._timed = (engine.clock.timed_steps, engine.clock.timed_time)
         self._counted = (engine.step, engine.examples)
         if engine.comm.is_root:
             # a resumed run goes on with its file; a fresh one starts it again
@@ -54,9 +54,9 @@ class StepCurvesCallback(Callback):
     def on_stats(self, engine, stats):
         # the loss over every rank comes with the engine's statistics read; only rank 0 writes
         loss_sum, examples = stats["loss_sum_all"], stats["examples_all"]
-        steps = engine.timed_steps - self._timed[0]
-        seconds = engine.timed_time - self._timed[1]
-        self._timed = (engine.timed_steps, engine.timed_time)
+        steps = engine.clock.timed_steps - self._timed[0]
+        seconds = engine.clock.timed_time - self._timed[1]
+        self._timed = (engine.clock.timed_steps, engine.clock.timed_time)
         if not engine.comm.is_root:
             return
         if self._log is None:        # elastic: this rank became rank 0
@@ -70,7 +70,7 @@ class StepCurvesCallback(Callback):
             "lr": engine.lr.schedule(engine.step - 1),
             "images_per_sec": steps * engine.global_batch / seconds
             if steps > 0 and seconds > 0 else None,
-            "elapsed_s": engine.train_time,
+            "elapsed_s": engine.clock.train_time,
         })
 
     def on_run_end(self, engine, ending, summary):

@@ -18,10 +18,18 @@ the same round. The collectives run in the main thread (never inside a backend's
 iterator, which TensorFlow may run in a tf.data thread), and each chunk ends in one host read
 (the backend's `evaluate` reads its sums once), so on a device the cost is one sync and one
 allreduce per `check_seconds` of evaluation.
+
+Evaluation turns one such evaluation into the run's record (metrics.jsonl) and keeps what the
+evaluations found: the target tracker and the last accuracy, checkpointed through state_dict.
 """
 import itertools
 import time
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+from hvdscale.core.metrics import TargetTracker
+from hvdscale.engine.backend import MetricsSupport
 
 # the most batches in one chunk (very fast batches)
 MAX_CHUNK = 10_000
@@ -71,3 +79,51 @@ def evaluate_interruptibly(backend: Any, batches: Iterable, watch: Any,
         if ran:
             per_batch = max(clock() - t0, 1e-9) / ran
             chunk = int(min(MAX_CHUNK, max(1, watch.check_seconds // per_batch)))
+
+
+class Evaluation:
+    """The evaluations of a run: the record of each, the target tracker, the last accuracy."""
+
+    def __init__(self, cfg: Any):
+        self.tracker = TargetTracker(cfg.train.target_accuracy)
+        self.last_accuracy: Optional[float] = None
+        self.records: list = []
+
+    def run(self, engine, wall: float) -> Optional[Dict[str, Any]]:
+        """Evaluate on every rank; the metrics.jsonl record, or None when a preemption signal
+        abandoned the evaluation (on every rank alike: no record for a partial one)."""
+        engine.stats.collect(engine)
+        engine.backend.sync_statistics()
+        sums = evaluate_interruptibly(engine.backend, engine.eval_source.batches(),
+                                      engine.preemption.watch)
+        if sums is None:
+            return None
+        correct, count, loss_sum = sums
+        comm = engine.comm
+        totals = comm.allreduce(np.array([correct, count], dtype=np.int64), op="sum")
+        loss_total = comm.allreduce(float(loss_sum), op="sum")
+        accuracy = float(totals[0]) / max(1, int(totals[1]))
+        self.last_accuracy = accuracy
+        epoch = engine.examples / engine.epoch_examples     # the batch may have changed
+        self.tracker.observe(engine.step, accuracy, engine.clock.train_time, epoch=epoch)
+        record = {
+            "step": engine.step, "epoch": round(epoch, 4), "framework": engine.backend.framework,
+            "workers": comm.size, "global_batch": engine.global_batch,
+            "lr": engine.lr.schedule(engine.step - 1), "train_loss": engine.stats.train_loss(),
+            "test_loss": loss_total / max(1, int(totals[1])), "test_accuracy": accuracy,
+            "test_examples": int(totals[1]),
+            "images_per_sec": engine.clock.images_per_sec(engine.global_batch),
+            "elapsed_s": engine.clock.train_time, "wall_s": wall,
+            "skipped_steps": engine.stats.nonfinite.skipped,
+        }
+        if isinstance(engine.backend, MetricsSupport):     # e.g. the online noise scale
+            record.update(engine.backend.extra_metrics())
+        self.records.append(record)
+        return record
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_accuracy": self.last_accuracy, "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.last_accuracy = state.get("last_accuracy")
+        self.tracker.load_state_dict(state.get("tracker", {}))

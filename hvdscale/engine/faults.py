@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from hvdscale.engine.callbacks import Callback
 from hvdscale.errors import NonFiniteLossError
 
 # Horovod raises these (as RuntimeError or HorovodInternalError) once a peer has gone.
@@ -120,3 +121,23 @@ class Watchdog:
                               f"finished for {self.timeout_s:g} s after step {self._step} "
                               f"(a peer hung or the network stalled; faults.step_timeout_s)")
                 os._exit(WATCHDOG_EXIT_CODE)
+
+
+class WatchdogCallback(Callback):
+    """`faults.step_timeout_s` for a run: a beat after every step, evaluation and checkpoint
+    (the first beat, after step 1, arms it: start-up is not timed), stopped when the run ends."""
+
+    def __init__(self, timeout_s, rank):
+        self.dog = Watchdog(timeout_s, rank)
+
+    def on_step_end(self, engine):
+        self.dog.beat(engine.step)
+
+    def on_evaluate(self, engine, record):
+        self.dog.beat(engine.step)
+
+    def on_checkpoint(self, engine, step):
+        self.dog.beat(step)
+
+    def on_run_end(self, engine, ending, summary):
+        self.dog.stop()

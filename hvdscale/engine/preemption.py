@@ -43,10 +43,16 @@ Horovod 0.28.1 and Open MPI 4.1.4; docs/reliability.md):
   then SIGKILL after as long again, and exits 1 whatever the ranks did.
 - horovodrun --mpi execs `/bin/sh -c mpirun ...`: the signal reaches the shell, not mpirun.
 """
+import json
 import signal
 import time
 
 import numpy as np
+
+from hvdscale.engine.callbacks import Callback
+from hvdscale.engine.checkpoint import atomic_write
+
+PREEMPTED_MARKER = "preempted.json"    # OUT/preempted.json after a preemption stop
 
 # SIGINT too: Ctrl-C on a plain `hvdscale train` ends the run as a preemption would (checkpoint,
 # preempted.json) instead of a KeyboardInterrupt traceback and lost steps
@@ -178,3 +184,50 @@ class PreemptionWatch:
             "a peer received a preemption signal"
         return where + (f" ({self.repeats} more during the save, ignored)"
                         if self.repeats else "")
+
+
+class Preemption(Callback):
+    """A run's preemption: the watch (signal handlers installed while Engine.run runs; the
+    loop asks `watch.should_stop()` at each step boundary), the marker of an earlier preempted
+    session removed when a run begins, and after the agreed stop and its checkpoint the
+    `preempted` event in metrics.jsonl, OUT/preempted.json (what a requeueing batch script can
+    test: horovodrun hides exit codes) and the exit code every rank leaves with: 0, or
+    checkpoint.requeue_exit_code / HVDSCALE_REQUEUE_EXIT_CODE."""
+
+    def __init__(self, cfg, comm, exit_code=None):
+        """exit_code: None = checkpoint.requeue_exit_code (None there too: 0)."""
+        self.watch = PreemptionWatch(comm, check_seconds=cfg.faults.preemption_check_s)
+        if exit_code is None:
+            exit_code = cfg.checkpoint.requeue_exit_code
+        self.exit_code = exit_code or 0
+        self.info = None            # the `preempted` event, once the run stopped for a signal
+
+    def on_run_begin(self, engine):
+        if engine.comm.is_root:     # a marker of an earlier preempted session is history now
+            try:
+                (engine.out / PREEMPTED_MARKER).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def on_run_end(self, engine, ending, summary):
+        if ending != "preempted":
+            return
+        watch, step, code = self.watch, engine.step, self.exit_code
+        watch.settle()
+        saved = engine.checkpoints.last_step == step
+        self.info = {"event": "preempted", "step": step, "signal": watch.signal_name or "peer",
+                     "checkpoint": f"step-{step:08d}" if saved else None,
+                     "exit_code": code, "workers": engine.comm.size}
+        engine._log.write(self.info)
+        marker = engine.out / PREEMPTED_MARKER
+        if engine.comm.is_root:
+            try:
+                atomic_write(marker, (json.dumps(self.info, sort_keys=True) + "\n").encode())
+            except OSError as err:
+                engine.echo(f"warning: cannot write {marker}: {err}")
+        took = (f" {watch.clock() - watch.received_at:.1f} s after the signal"
+                if watch.received else "")
+        what = f"checkpoint step-{step:08d} written{took}" if saved else \
+            "no checkpoint could be written"
+        engine.echo(f"preempted ({watch.describe()}) at step {step} of {engine.total_steps}: "
+                    f"{what}; exit {code}; continue with --resume")

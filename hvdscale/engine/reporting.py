@@ -198,7 +198,8 @@ class ProgressCallback(Callback):
         if self._lines is not None:
             self._lines.total = engine.total_steps     # batch.adaptive may shorten the run
             if self._lines.due(engine.step) and engine.step < engine.total_steps:
-                rate = self._lines.window_rate(engine.timed_steps, engine.timed_time,
+                clock = engine.clock
+                rate = self._lines.window_rate(clock.timed_steps, clock.timed_time,
                                                engine.global_batch)
                 self._lines.write(self._lines.line(engine.step,
                                                    engine.step / engine.steps_per_epoch,
@@ -262,22 +263,23 @@ class MetricsFailureCallback(Callback):
         return engine.comm.broadcast_object(error)
 
     def _act(self, engine, failure, checkpoint):
-        from hvdscale.engine.loop import CheckpointError
+        from hvdscale.engine.checkpointing import CheckpointError
         if engine.cfg.checkpoint.on_error == "warn":
             if not self._warned:
                 engine.echo(f"warning: {failure}; training goes on without those lines "
                             f"(checkpoint.on_error = warn)")
                 self._warned = True
             return
-        saved = engine.last_checkpoint_step == engine.step
+        checkpoints = engine.checkpoints
+        saved = checkpoints.last_step == engine.step
         if checkpoint and not saved:
             try:
-                saved = engine._checkpoint()
+                saved = checkpoints.save(engine)
             except CheckpointError as err:
                 raise CheckpointError(f"{failure}; {err}") from None
         where = (f"checkpoint step-{engine.step:08d} is written" if saved else
-                 f"newest checkpoint: step {engine.last_checkpoint_step}"
-                 if engine.last_checkpoint_step is not None else "no checkpoint written")
+                 f"newest checkpoint: step {checkpoints.last_step}"
+                 if checkpoints.last_step is not None else "no checkpoint written")
         raise CheckpointError(f"{failure}; {where}; continue with --resume once there is "
                               f"room (checkpoint.on_error = stop)")
 
@@ -292,6 +294,54 @@ class MetricsFailureCallback(Callback):
         failure = self._failure(engine)
         if failure:
             self._act(engine, failure, checkpoint=False)
+
+
+def run_header(engine) -> str:
+    """The lines a run starts with: world, model, data, batch, LR plan, optimizer, length."""
+    from hvdscale.registry import OPTIMIZERS
+    c, k, lr = engine.cfg, engine.comm.size, engine.lr
+    optimizer = OPTIMIZERS.get(c.optimizer.name).summary(c.optimizer.options())
+    flags = [f for f, on in (("fp16 compression", c.horovod.fp16_compression),
+                             ("adasum", c.horovod.adasum)) if on]
+    return "\n".join([
+        f"hvdscale train {c.name}: {c.framework}, {k} worker{'s' * (k > 1)} "
+        f"({engine.comm.controller}), model {c.model.name}, data {c.data.kind} "
+        f"({engine.batches.num_examples} train / {engine.eval_source.num_examples} test)",
+        f"  global batch {engine.global_batch} = {k} workers x {c.batch.per_worker} x "
+        f"{c.batch.accumulation} accumulation (reference batch {c.batch.reference})",
+        f"  lr: base {lr.base_lr:g} -> scaled {lr.peak_lr:.6g}; {lr.description}",
+        f"  optimizer {optimizer}" + (f"; horovod: {', '.join(flags)}" if flags else ""),
+        f"  steps {engine.total_steps} ({engine.steps_per_epoch}/epoch), eval every "
+        f"{engine.eval_every or 'end'} steps, target accuracy {c.train.target_accuracy}",
+    ])
+
+
+def run_summary(engine, wall: float, tau_ref: Optional[float], hardware: str) -> Dict[str, Any]:
+    """metrics.jsonl's last record. tau_ref: one worker's images/s at the same per-worker
+    batch, for the scaling efficiency."""
+    from hvdscale.core.metrics import scaling_efficiency
+    k, cfg, clock, lr = engine.comm.size, engine.cfg, engine.clock, engine.lr
+    tracker = engine.evaluation.tracker
+    ips = clock.images_per_sec(engine.global_batch)
+    return {
+        "event": "summary", "recipe": cfg.name, "framework": engine.backend.framework,
+        "hardware": hardware, "model": cfg.model.name,
+        "optimizer": engine.backend.optimizer_name, "workers": k,
+        "global_batch": engine.global_batch, "per_worker_batch": cfg.batch.per_worker,
+        "accumulation": engine.per_step // cfg.batch.per_worker, "steps": engine.step,
+        "epochs": round(engine.examples / engine.epoch_examples, 4),
+        "base_lr": lr.base_lr, "peak_lr": lr.peak_lr, "warmup_steps": lr.warmup_steps,
+        "final_test_accuracy": engine.evaluation.last_accuracy,
+        "best_test_accuracy": tracker.best, "target_accuracy": tracker.target,
+        "steps_to_target": tracker.steps_to_target,
+        "time_to_target_s": tracker.time_to_target,
+        "epochs_to_target": tracker.epochs_to_target,
+        "images_per_sec": ips, "images_per_sec_per_worker": ips / k,
+        "time_per_step_s": clock.time_per_step(), "train_time_s": clock.train_time,
+        "wall_s": wall, "tau_ref": tau_ref,
+        "scaling_efficiency": scaling_efficiency(ips, tau_ref, k) if tau_ref else None,
+        "skipped_steps": engine.stats.nonfinite.skipped,
+    }
 
 
 def _fmt_time(seconds):

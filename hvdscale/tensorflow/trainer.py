@@ -22,6 +22,8 @@ import tensorflow as tf
 
 from hvdscale.comm import gradient_groups
 from hvdscale.core.scaling import micro_batch_sizes
+from hvdscale.core.step import (NonFiniteRule, average_running_statistics,
+                                check_step_settings, step_stats, with_accumulation)
 from hvdscale.errors import ConfigError
 from hvdscale.tensorflow.optim import build_optimizer
 from hvdscale.tensorflow.quiet import list_gpus
@@ -57,7 +59,7 @@ def broadcast_from_root(hvd, variables):
 class TensorFlowTrainer:
     framework = "tensorflow"
     checkpoint_suffix = ".npz"
-    input_layout = "NHWC"      # what array sources must deliver (hvdscale.data.build_sources)
+    elastic = False            # the engine sets it for --elastic, before build()
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> keras.Model overrides the model zoo (tests use tiny models)."""
@@ -73,17 +75,10 @@ class TensorFlowTrainer:
         self._model_fn = model_fn
         self.model = self.optimizer = None
         self.precision = cfg.train.precision
-        self.nonfinite = cfg.faults.nonfinite
-        if self.precision == "fp16" and not gpus:
-            raise ConfigError("train.precision fp16 needs a GPU (loss-scaled fp16 is not run "
-                              "on CPUs); use bf16 or fp32 here")
-        if cfg.train.compile:
-            raise ConfigError("train.compile: XLA (jit_compile) cannot compile the step around "
-                              "Horovod's allreduce and was not faster on CPU; leave it false")
-        if cfg.horovod.adasum and comm.distributed and comm.controller != "mpi" and not gpus:
-            raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
-                              "(horovodrun --mpi or mpirun), this job runs on "
-                              f"{comm.controller}")
+        check_step_settings(cfg, comm, gpu=bool(gpus), compile_refusal=(
+            "XLA (jit_compile) cannot compile the step around Horovod's allreduce and was not "
+            "faster on CPU"))
+        self.nonfinite = NonFiniteRule(cfg.faults.nonfinite, loss_scaled=self.precision == "fp16")
 
     @property
     def device_description(self):
@@ -146,7 +141,7 @@ class TensorFlowTrainer:
         self._stat_vars = [v for v in self.model.non_trainable_variables
                            if "float" in str(v.dtype)]
         self._stat_saved = [tf.Variable(tf.convert_to_tensor(v), trainable=False)
-                            for v in self._stat_vars] if self.nonfinite == "skip" else []
+                            for v in self._stat_vars] if self.nonfinite.drops_updates else []
         self._make_stats()
         self._step = tf.function(self._single_step)
         self._snapshot = tf.function(self._snapshot_fn)
@@ -246,11 +241,9 @@ class TensorFlowTrainer:
     def _update(self, grads, loss_total, n):
         """The non-finite decision from the averaged gradients (the same on every rank),
         the update (dropped by `skip`), and the device-side statistics."""
-        loss_ok = tf.math.is_finite(loss_total)
-        if self.nonfinite == "off" or self._fp16:
-            # fp16: an overflow is LossScaleOptimizer's to skip, not a fault
-            grads_ok = tf.constant(True)
-        else:
+        rule = self.nonfinite      # fp16: an overflow is LossScaleOptimizer's to skip
+        loss_ok, grads_ok = tf.math.is_finite(loss_total), None
+        if rule.check_gradients:
             grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                                       for g in grads if g is not None])
 
@@ -263,13 +256,11 @@ class TensorFlowTrainer:
                 var.assign(saved)
             return tf.constant(False)
 
-        if self.nonfinite == "skip":
+        if rule.drops_updates:
             tf.cond(grads_ok, apply, drop)
         else:
             apply()
-        bad = tf.logical_not(loss_ok) if self._fp16 else tf.logical_not(loss_ok & grads_ok)
-        if self.nonfinite == "off":
-            bad = tf.constant(False)
+        bad = rule.bad(loss_ok, grads_ok)
         self._loss_sum.assign_add(tf.where(loss_ok, loss_total, tf.zeros_like(loss_total)))
         self._examples.assign_add(tf.where(loss_ok, tf.cast(n, tf.int64), tf.constant(0, tf.int64)))
         self._bad_steps.assign_add(tf.cast(bad, tf.int64))
@@ -350,10 +341,7 @@ class TensorFlowTrainer:
             var.assign(0)
         self._first_bad.assign(-1)
         self._steps = 0
-        first = int(values[3])
-        return {"loss_sum": float(values[0]), "examples": int(values[1]), "steps": steps,
-                "nonfinite_steps": int(values[2]),
-                "first_nonfinite_step": None if first < 0 else first}
+        return step_stats(*values, steps)
 
     def extra_metrics(self):
         """Fields for the metrics log beyond the engine's own (the noise scale's reading)."""
@@ -378,13 +366,12 @@ class TensorFlowTrainer:
         return int(correct), count, float(loss_sum)     # one read per evaluation
 
     def sync_statistics(self):
-        if not self.comm.distributed:
-            return
         # Keras 3 variables report their dtype as a string ("float32")
         stats = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
-        values = [np.asarray(v.numpy()) for v in stats]
-        for var, old, avg in zip(stats, values, self.comm.allreduce_many(values)):
-            var.assign(avg.astype(old.dtype))
+        averaged = average_running_statistics(
+            self.comm, lambda: [np.asarray(v.numpy()) for v in stats])
+        for var, avg in zip(stats, averaged or ()):
+            var.assign(avg)
 
     # ------------------------------------------------------------------ state
     def _state_variables(self):
@@ -460,12 +447,7 @@ class TensorFlowTrainer:
     def set_accumulation(self, passes):
         """Micro-batches per optimizer step after the world changed (elastic.policy
         keep_global_batch); the accumulators are made on first need."""
-        import dataclasses
-        self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
-            self.cfg.batch, accumulation=passes))
-        if self.noise_scale is not None:      # its small/big batch sizes follow
-            self.noise_scale.online.set_accumulation(self.cfg.batch.per_worker, passes,
-                                                     self.comm.size)
+        with_accumulation(self, passes)
         if passes > 1 and not hasattr(self, "_accumulators"):
             self._accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
                                   for v in self.variables]

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from hvdscale.comm import gradient_groups
 from hvdscale.core.scaling import micro_batch_sizes
+from hvdscale.core.step import (NonFiniteRule, average_running_statistics,
+                                check_step_settings, step_stats, with_accumulation)
 from hvdscale.errors import ConfigError
 from hvdscale.torch.optim import build_optimizer
 
@@ -35,9 +37,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TorchTrainer:
     framework = "torch"
     checkpoint_suffix = ".pt"
-    # what array sources deliver (hvdscale.data.build_sources): NHWC, viewed here as NCHW
-    # with channels_last strides (no copy); conv models run channels_last on CPU and CUDA
-    input_layout = "NHWC"
+    elastic = False            # the engine sets it for --elastic, before build()
 
     def __init__(self, cfg, comm, threads, model_fn=None):
         """model_fn(cfg) -> nn.Module overrides the model zoo (tests use tiny models)."""
@@ -54,21 +54,11 @@ class TorchTrainer:
         self._model_fn = model_fn
         self.model = self.optimizer = self.scaler = None
         self.precision = cfg.train.precision
-        self.nonfinite = cfg.faults.nonfinite
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("train.precision fp16 needs a CUDA GPU (loss-scaled fp16 is not "
-                              "run on CPUs); use bf16 or fp32 here")
-        if cfg.train.compile:
-            raise ConfigError("train.compile: torch.compile is not offered: on the CPU it was "
-                              "measured on it took minutes to compile the demo CNN for ~12 % "
-                              "per step, slower end to end (benchmarks/RESULTS.md); leave it "
-                              "false")
-        hv = cfg.horovod
-        if hv.adasum and comm.distributed and comm.controller != "mpi" \
-                and self.device.type == "cpu":
-            raise ConfigError("horovod.adasum on CPU needs Horovod's MPI controller "
-                              "(horovodrun --mpi or mpirun), this job runs on "
-                              f"{comm.controller}")
+        check_step_settings(cfg, comm, gpu=self.device.type == "cuda", compile_refusal=(
+            "torch.compile is not offered: on the CPU it was measured on it took minutes to "
+            "compile the demo CNN for ~12 % per step, slower end to end "
+            "(benchmarks/RESULTS.md)"))
+        self.nonfinite = NonFiniteRule(cfg.faults.nonfinite, loss_scaled=self.precision == "fp16")
         self.channels_last = False       # decided in build(): a convolutional model
         self._new_stats()
 
@@ -224,7 +214,7 @@ class TorchTrainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad()
-        skip = self.nonfinite == "skip"
+        skip = self.nonfinite.drops_updates
         # a dropped update must leave BatchNorm's running statistics as they were, too
         saved = self._float_buffers(clone=True) if skip else None
         noise, scaler = self.noise_scale, self.scaler
@@ -247,7 +237,7 @@ class TorchTrainer:
             self.optimizer.synchronize()          # the averaged gradients, from here on
         if scaler is not None:
             scaler.unscale_(self.optimizer)       # the guard, the noise scale and LARS/LAMB
-        grads_ok = self._grads_finite() if self.nonfinite != "off" else None
+        grads_ok = self._grads_finite() if self.nonfinite.check_gradients else None
         if skip and not bool(grads_ok):           # the one host read `skip` costs per step
             self.optimizer.zero_grad()            # the same on every rank: no update
             with torch.no_grad():
@@ -286,9 +276,7 @@ class TorchTrainer:
         loss_ok = torch.isfinite(step_loss)
         self._loss_sum += torch.where(loss_ok, step_loss, torch.zeros_like(step_loss))
         self._examples += loss_ok.long() * n
-        bad = ~loss_ok if grads_ok is None or self.scaler is not None else ~(loss_ok & grads_ok)
-        if self.nonfinite == "off":
-            bad = torch.zeros_like(bad)
+        bad = self.nonfinite.bad(loss_ok, grads_ok)
         self._bad_steps += bad.long()
         self._first_bad.copy_(torch.where(bad & (self._first_bad < 0), self._step_index,
                                           self._first_bad))
@@ -301,10 +289,7 @@ class TorchTrainer:
                               self._bad_steps.double(), self._first_bad.double()]).tolist()
         steps = self._steps
         self._new_stats()
-        first = int(values[3])
-        return {"loss_sum": values[0], "examples": int(values[1]), "steps": steps,
-                "nonfinite_steps": int(values[2]), "first_nonfinite_step": None if first < 0
-                else first}
+        return step_stats(*values, steps)
 
     def _float_buffers(self, clone=False):
         bufs = [b for b in self.model.buffers() if b.is_floating_point()]
@@ -340,11 +325,10 @@ class TorchTrainer:
 
     @torch.no_grad()
     def sync_statistics(self):
-        if not self.comm.distributed:
-            return
-        bufs = [b for b in self.model.buffers() if b.is_floating_point()]
-        averaged = self.comm.allreduce_many([b.detach().cpu().numpy() for b in bufs])
-        for buf, avg in zip(bufs, averaged):
+        bufs = self._float_buffers()
+        averaged = average_running_statistics(
+            self.comm, lambda: [b.detach().cpu().numpy() for b in bufs])
+        for buf, avg in zip(bufs, averaged or ()):
             buf.copy_(torch.from_numpy(avg).to(device=buf.device, dtype=buf.dtype))
 
     # ------------------------------------------------------------------ state
@@ -409,11 +393,6 @@ class TorchTrainer:
     def set_accumulation(self, passes):
         """Micro-batches per optimizer step after the world changed (elastic.policy
         keep_global_batch): the step splits the batch, Horovod allreduces after `passes`."""
-        import dataclasses
-        self.cfg = dataclasses.replace(self.cfg, batch=dataclasses.replace(
-            self.cfg.batch, accumulation=passes))
-        if self.noise_scale is not None:      # its small/big batch sizes follow
-            self.noise_scale.online.set_accumulation(self.cfg.batch.per_worker, passes,
-                                                     self.comm.size)
+        with_accumulation(self, passes)
         if hasattr(self.optimizer, "set_backward_passes_per_step"):
             self.optimizer.set_backward_passes_per_step(passes)

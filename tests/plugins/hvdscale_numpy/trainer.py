@@ -1,10 +1,12 @@
-"""NumpyTrainer: the Backend protocol (hvdscale/engine/backend.py) in plain NumPy, one process.
+"""NumpyTrainer: a backend (hvdscale/engine/backend.py) in plain NumPy, one process.
 
-What every backend must do is all here, for real: build (seeded), train_step with micro-batch
-accumulation and the non-finite rule of `faults.nonfinite`, read_stats, evaluate,
-state_bytes/load_state_bytes (an .npz without pickles), parameters, poisoned, device_batches.
-What multi-process runs add is trivial here (one process: sync_statistics has nothing to
-average, broadcast nothing to do), and Horovod's elastic mode is refused.
+What every backend must do (`Backend`) is all here, for real: build (seeded), device_batches,
+poisoned, train_step with micro-batch accumulation and the non-finite rule of
+`faults.nonfinite`, read_stats, evaluate, sync_statistics (nothing to average: one rank).
+Of the optional parts it adds `CheckpointSupport` (state_bytes/load_state_bytes as an .npz
+without pickles, apply_optimizer_settings) and `AccumulationSupport` (set_accumulation); it
+has no `ElasticSupport`, so the engine refuses --elastic with it. `parameters()` is for the
+tests, not the engine.
 """
 import io
 from typing import Any, Dict, Iterable, Iterator, Tuple
@@ -12,6 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, Tuple
 import numpy as np
 
 from hvdscale.core.scaling import micro_batch_sizes
+from hvdscale.core.step import NonFiniteRule, step_stats
 from hvdscale.engine.faults import poison_batch
 from hvdscale.errors import ConfigError
 from hvdscale_numpy.nn import cross_entropy
@@ -19,9 +22,7 @@ from hvdscale_numpy.nn import cross_entropy
 
 class NumpyTrainer:
     framework = "numpy"
-    checkpoint_suffix = ".npz"
     device_description = "cpu"
-    input_layout = "NHWC"
 
     def __init__(self, cfg: Any, comm: Any, threads: int, model_fn=None):
         """model_fn(cfg) -> model overrides the registry (as the other trainers allow);
@@ -29,9 +30,8 @@ class NumpyTrainer:
         self.cfg, self.comm = cfg, comm
         self.optimizer_name = cfg.optimizer.name
         self.precision = cfg.train.precision
-        self.nonfinite = cfg.faults.nonfinite
+        self.nonfinite = NonFiniteRule(cfg.faults.nonfinite)     # the rule every backend keeps
         self.accumulation = cfg.batch.accumulation
-        self.elastic = False
         if self.precision != "fp32":
             raise ConfigError(f"train.precision {self.precision}: the numpy backend runs fp32 "
                               "only")
@@ -85,11 +85,12 @@ class NumpyTrainer:
             part = model.backward(cache, dlogits / n)
             grads = part if grads is None else {k: grads[k] + part[k] for k in grads}
             step_loss += float(losses.sum(dtype=np.float64))
+        rule = self.nonfinite
         loss_ok = np.isfinite(step_loss)
-        bad = False
-        if self.nonfinite != "off":
-            bad = not (loss_ok and all(np.isfinite(g).all() for g in grads.values()))
-        if not (bad and self.nonfinite == "skip"):       # skip: the update is dropped
+        grads_ok = (np.bool_(all(np.isfinite(g).all() for g in grads.values()))
+                    if rule.check_gradients else None)
+        bad = bool(rule.bad(loss_ok, grads_ok))
+        if not (rule.drops_updates and not grads_ok):     # skip: the update is dropped
             self.optimizer.step(model.params, grads, lr)
         if loss_ok:
             self._loss_sum += step_loss
@@ -101,8 +102,8 @@ class NumpyTrainer:
         self._steps += 1
 
     def read_stats(self) -> Dict[str, Any]:
-        stats = {"loss_sum": self._loss_sum, "examples": self._examples, "steps": self._steps,
-                 "nonfinite_steps": self._bad_steps, "first_nonfinite_step": self._first_bad}
+        stats = step_stats(self._loss_sum, self._examples, self._bad_steps,
+                           -1 if self._first_bad is None else self._first_bad, self._steps)
         self._new_stats()
         return stats
 
@@ -119,10 +120,13 @@ class NumpyTrainer:
     def sync_statistics(self) -> None:
         """No state drifts per rank: there is one rank and no BatchNorm."""
 
+    # ------------------------------------------------------------------ AccumulationSupport
     def set_accumulation(self, passes: int) -> None:
         self.accumulation = passes
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ CheckpointSupport
+    checkpoint_suffix = ".npz"
+
     def state_bytes(self) -> bytes:
         arrays = {f"param/{k}": v for k, v in self.model.params.items()}
         arrays.update({f"momentum/{k}": v for k, v in self.optimizer.buffers.items()})
@@ -153,12 +157,6 @@ class NumpyTrainer:
         """Nothing to do: the momentum and weight decay are attributes set from this run's
         recipe in build(), and a checkpoint holds arrays only (never hyper-parameters)."""
 
+    # ------------------------------------------------------------------ for the tests
     def parameters(self) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.model.params.items()}
-
-    # ------------------------------------------------------------------ elastic
-    def elastic_state(self, **fields):
-        raise ConfigError("--elastic: framework numpy has no Horovod to run elastic jobs with")
-
-    def elastic_run(self, fn):
-        raise ConfigError("--elastic: framework numpy has no Horovod to run elastic jobs with")
