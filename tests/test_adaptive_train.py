@@ -245,19 +245,19 @@ def test_elastic_world_change_keeps_the_decided_batch_lr_gain_and_noise_state(tm
     """A job started on 2 workers of 16 (B_0 = 32, a budget of 2 x 4096 examples) had grown to
     128 with lr gain 2.5 when it lost a worker: the survivor re-enters the world from the commit and runs 128 as 1 x 16 x 8,
     with the committed gain in the lr and the committed noise estimator; the commit carries
-    that state (Engine._loop_fields)."""
+    that state (ElasticRun._committed)."""
     from hvdscale.engine.lr import plan_lr
     cfg, engine = elastic_engine(tmp_path, workers_now=1)
     noise = {"estimator": {"ema": 0.9, "g2": 0.25, "trace": 40.0, "weight": 0.99,
                            "samples": 17, "skipped": 0},
              "steps": 100, "last": {"b_simple": 160.0, "gns_samples": 17}}
-    committed = {"step": 100, "examples": 60 * 32 + 20 * 64 + 20 * 128, "train_time": 3.0,
-                 "skipped": 0, "reference_workers": 2, "last_accuracy": 0.7,
-                 "tracker": engine.tracker.state_dict(),
+    committed = {"step": 100, "examples": 60 * 32 + 20 * 64 + 20 * 128, "train_time_s": 3.0,
+                 "skipped_steps": 0, "reference_workers": 2, "last_accuracy": 0.7,
+                 "tracker": engine.evaluation.tracker.state_dict(),
                  "callbacks": {"adaptive_batch": {
                      "segments": [[0, 0, 32, 1.0], [60, 60 * 32, 64, 1.7],
                                   [80, 60 * 32 + 20 * 64, 128, 2.5]], "noise": noise}}}
-    engine._enter_world(committed)
+    engine.elastic._enter_world(engine, committed)
     assert (engine.global_batch, engine.per_step) == (128, 128)
     assert engine.backend.cfg.batch.accumulation == 8
     assert engine.batches.steps_per_epoch == EXAMPLES // 128
@@ -275,11 +275,12 @@ def test_elastic_world_change_keeps_the_decided_batch_lr_gain_and_noise_state(tm
     assert (event["event"], event["workers"], event["global_batch"], event["accumulation"]) \
         == ("workers", 1, 128, 8)
     # what the next commit carries: the decisions and the estimator, as JSON
-    carried = json.loads(json.dumps(engine._loop_fields()["callbacks"]["adaptive_batch"]))
+    carried = json.loads(json.dumps(
+        engine.elastic._committed(engine)["callbacks"]["adaptive_batch"]))
     assert carried == committed["callbacks"]["adaptive_batch"]
     # back to two workers: the same batch as 2 x 16 x 4
     engine.comm.size = 2
-    engine._enter_world(dict(committed, callbacks={"adaptive_batch": carried}))
+    engine.elastic._enter_world(engine, dict(committed, callbacks={"adaptive_batch": carried}))
     assert engine.global_batch == 128 and engine.backend.cfg.batch.accumulation == 4
 
 

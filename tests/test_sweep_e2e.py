@@ -73,8 +73,10 @@ def test_plan_prints_the_runs_and_a_timed_estimate(tmp_path):
                   tmp_path / "never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
-    # per optimizer: settle (3 lrs; x 2 beta2 for LAMB), scaled 2 x 3 seeds, tuned 4 + 3
-    assert plan["runs"] == (3 + 6 + 7) + (6 + 6 + 7)
+    # per optimizer: settle (3 lrs; x 2 beta2 for LAMB) + at most 3 grid extensions, scaled
+    # 2 x 3 seeds, tuned 4 + at most 3 extensions + 3
+    assert plan["runs"] == (3 + 3 + 6 + 10) + (6 + 3 + 6 + 10)
+    assert plan["runs_by_kind"]["sgd_linear_warmup tuned/tune (grid extensions, at most)"] == 3
     assert set(plan["per_step_s"]) == {"32", "128"} and all(
         v > 0 for v in plan["per_step_s"].values())
     assert plan["wall_s_estimate"] > 0 and "load_start" in plan

@@ -115,7 +115,7 @@ class AdaptiveBatch(Callback):
     def on_world(self, engine) -> None:
         """Elastic: the engine has (re)entered a world and re-planned it at the reference
         world's batch; put the committed decisions back on top, at the new worker count."""
-        self._enter_world(engine.reference_workers, engine.comm.size)
+        self._enter_world(engine.elastic.reference_workers, engine.comm.size)
         self._begin(engine)
 
     def _begin(self, engine) -> None:
