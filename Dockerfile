@@ -56,11 +56,17 @@ COPY hvdscale/__init__.py hvdscale/
 # The Horovod wheel lands in HVDSCALE_CACHE, a BuildKit cache mount that outlives this build:
 # the next build (new code, new base image digest) reuses the wheel instead of compiling
 # Horovod again; install.sh keys it by Horovod/torch/TF/Python/MPI versions and CUDA arch.
-# HVDSCALE_INSTALL_FLAGS is empty or --gpu, split on purpose.
+# A host's wheel cache mounted read-only at /opt/host-wheels (launchers/container/build-cpu.sh
+# does, on a host of the same Debian release) seeds it: a wheel whose key matches is used,
+# none is compiled. HVDSCALE_INSTALL_FLAGS is empty or --gpu, split on purpose.
 # hadolint ignore=SC2086
 RUN --mount=type=cache,id=hvdscale-wheels,target=/root/.cache/hvdscale \
     --mount=type=cache,id=hvdscale-pip,target=/root/.cache/pip \
-    HVDSCALE_CACHE=/root/.cache/hvdscale HVDSCALE_TEST_PACKAGES=0 \
+    for seed in /opt/host-wheels/horovod-*-????????????????; do \
+        if [ -d "$seed" ] && [ ! -d "/root/.cache/hvdscale/${seed##*/}" ]; then \
+            cp -r "$seed" /root/.cache/hvdscale/ && echo "seeded from the host: ${seed##*/}"; fi; \
+    done \
+ && HVDSCALE_CACHE=/root/.cache/hvdscale HVDSCALE_TEST_PACKAGES=0 \
     bash launchers/install.sh ${HVDSCALE_INSTALL_FLAGS} --cuda-arch "${CUDA_ARCH}" \
  && mkdir -p /opt/wheel-cache \
  && cp -r /root/.cache/hvdscale/. /opt/wheel-cache/

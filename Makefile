@@ -48,13 +48,13 @@ test-soak: install
 image-cpu:
 	nice -n 10 bash launchers/container/build-cpu.sh $(IMAGE)
 
-# Build (cached layers are reused) and run doctor and a 2-worker training inside the image.
+# Build (cached layers and the host's Horovod wheel are reused) and run doctor and a 2-worker
+# training inside the image; installs podman/runc/debootstrap if missing; fails unless both
+# tests ran and passed. CI (.ci/run) runs the same script after make test.
 test-image: install
-	$(PY) -m pytest -q -ra -m image $(PYTEST_ARGS)
-
-# For CI: installs podman/runc/debootstrap if missing, then the above with a time limit.
-ci-image: install
 	bash launchers/container/ci-image.sh
+
+ci-image: test-image
 
 doctor: install
 	$(VENV)/bin/hvdscale doctor

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # hvdscale's one install path (README, CI and the Dockerfile all call it).
 #
-#   launchers/install.sh [--gpu] [--no-apt] [--force] [--cuda-arch "80;90"]
+#   launchers/install.sh [--gpu] [--no-apt] [--force] [--cuda-arch "80;90"] [--print-wheel-key]
 #
 # --cuda-arch (or HVDSCALE_CUDA_ARCH): the compute capabilities the GPU build targets; default
-# the GPUs of this machine, else "80;90" (CUDA 13 builds nothing below 7.5).
+# the GPUs of this machine, else "80;90" (CUDA 13 builds nothing below 7.5); a CPU install
+# ignores it. --print-wheel-key: the cache folder name of the Horovod wheel this install would
+# use (horovod-VERSION-KEY); installs nothing.
 #
 # Creates .venv/ at the repository root with pinned torch, TensorFlow, Horovod 0.28.1
 # (built from its sdist with launchers/patch_horovod.sh), mpi4py, DALI and hvdscale itself.
@@ -24,14 +26,15 @@ CACHE="${HVDSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdscale}"
 LOG="$ROOT/.install.log"
 PYTHON="${PYTHON:-python3}"
 
-GPU=0; APT=1; FORCE=0; CUDA_ARCH="${HVDSCALE_CUDA_ARCH:-}"
+GPU=0; APT=1; FORCE=0; PRINT_KEY=0; CUDA_ARCH="${HVDSCALE_CUDA_ARCH:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --gpu) GPU=1 ;;
         --no-apt) APT=0 ;;
         --force) FORCE=1 ;;
+        --print-wheel-key) PRINT_KEY=1 ;;
         --cuda-arch) CUDA_ARCH="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -56,8 +59,31 @@ step() { STEP="$1"; PACKAGE="${2:--}"; echo "==> [$(date +%H:%M:%S)] $1${2:+ ($2
 pin() { grep -E "^$1==" "$CONSTRAINTS" | head -n1 | cut -d= -f3; }
 run() { "$@" >>"$LOG" 2>&1; }
 
-: >"$LOG"
 MODE=$([ "$GPU" = 1 ] && echo gpu || echo cpu)
+# The architectures shape the GPU build only: a CPU wheel's key leaves them out, so the CPU
+# image (built with the Dockerfile's --cuda-arch) finds the wheel a CPU host install built.
+if [ "$GPU" = 1 ]; then
+    [ -n "$CUDA_ARCH" ] || CUDA_ARCH=$(bash "$BUILDER" --print-arch)
+else
+    CUDA_ARCH=""
+fi
+# The Horovod wheel's cache key: the versions and build inputs the wheel depends on.
+wheel_key() {
+    local pyv mpi_v
+    pyv=$("$1" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+    mpi_v=$(mpirun --version 2>/dev/null | head -n1 | tr -cd '0-9.' || echo none)
+    printf '%s\n' "horovod=$(pin horovod)" "torch=$(pin torch)" "tf=$(pin tensorflow)" "py=$pyv" \
+        "mpi=$mpi_v" "mode=$MODE" "arch=$CUDA_ARCH" "$PATCH_HASH" \
+        "$(sha256sum "$BUILDER" | cut -c1-16)" | sha256sum | cut -c1-16
+}
+if [ "$PRINT_KEY" = 1 ]; then
+    trap - ERR          # a read-only question: never the cleanup of a failed install
+    KEY_PY="$PYTHON"; [ -x "$VENV/bin/python" ] && KEY_PY="$VENV/bin/python"
+    echo "horovod-$(pin horovod)-$(wheel_key "$KEY_PY")"
+    exit 0
+fi
+
+: >"$LOG"
 # What the finished venv must match: pins, this script, the patch, setup.cfg, the mode.
 WANT=$( (cat "$CONSTRAINTS" "$0" "$BUILDER" "$ROOT/setup.cfg"; echo "$PATCH_HASH") | sha256sum | cut -c1-16)-$MODE
 
@@ -127,22 +153,14 @@ run "${PIPI[@]}" --no-binary mpi4py mpi4py
 
 # ---------------------------------------------------------------------------------------
 step "horovod wheel" "horovod==$HVD_V"
-PYV=$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')
-MPI_V=$(mpirun --version 2>/dev/null | head -n1 | tr -cd '0-9.' || echo none)
 BUILD_ARGS=(--python "$VENV/bin/python" --mpi yes --tensorflow yes)
-if [ "$GPU" = 1 ]; then
-    [ -n "$CUDA_ARCH" ] || CUDA_ARCH=$(bash "$BUILDER" --print-arch)
-    BUILD_ARGS+=(--gpu --cuda-arch "$CUDA_ARCH")
-fi
-BUILDER_HASH=$(sha256sum "$BUILDER" | cut -c1-16)
-KEY=$(printf '%s\n' "horovod=$HVD_V" "torch=$TORCH_V" "tf=$TF_V" "py=$PYV" "mpi=$MPI_V" \
-      "mode=$MODE" "arch=$CUDA_ARCH" "$PATCH_HASH" "$BUILDER_HASH" | sha256sum | cut -c1-16)
-WHEEL_DIR="$CACHE/horovod-$HVD_V-$KEY"
+[ "$GPU" = 0 ] || BUILD_ARGS+=(--gpu --cuda-arch "$CUDA_ARCH")
+WHEEL_DIR="$CACHE/horovod-$HVD_V-$(wheel_key "$VENV/bin/python")"
 if ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     echo "    cached wheel: $WHEEL_DIR"
 else
     # launchers/build_horovod.sh: the sdist, the patches, NCCL/CUDA discovery, a stripped wheel
-    echo "    building from source (several minutes on 2 cores); log: $LOG"
+    echo "    building from source into $WHEEL_DIR (several minutes on 2 cores); log: $LOG"
     rm -rf "$WHEEL_DIR.tmp"
     run bash "$BUILDER" "${BUILD_ARGS[@]}" "$WHEEL_DIR.tmp"
     rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"   # appears whole or not at all

@@ -3,6 +3,7 @@ toolkit and NCCL wheel (no compiler runs): NCCL from the pip wheel through a lib
 and a shared link, the architectures of the GPU present, a refused architecture CUDA 13 cannot
 build, one line when no toolkit is found, and TensorFlow only where it is installed."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,3 +119,56 @@ def test_frameworks_follow_the_environment(tmp_path):
     assert "HOROVOD_WITH_TENSORFLOW" not in env
     cpu = settings(dry_run(tmp_path))
     assert cpu["HOROVOD_WITHOUT_GPU"] == "1" and "HOROVOD_GPU_OPERATIONS" not in cpu
+
+
+# ---------------------------------------------------------------------------------------
+# Review item 1: Horovod's TensorFlow op in a GPU build, compiled against the installed TF
+# (2.21). TF still ships tensorflow/compiler/xla/stream_executor/stream.h, so the stock file
+# compiles; what breaks is the call of stream_executor::gpu::AsGpuStreamValue, which XLA no
+# longer defines (an undefined symbol that fails at import). patch_horovod.sh edit 7 defines
+# it from Stream::platform_specific_handle(). Compiled to an object with the CUDA runtime
+# headers from NVIDIA's wheel (no toolkit, no GPU needed); about 20 s of one core.
+
+def download(tmp_path, *requirements, binary=True):
+    dest = tmp_path / "downloads"
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest),
+                           *([] if binary else ["--no-binary", ":all:"]), *requirements],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot download {requirements}: {proc.stderr.strip()[-300:]}")
+    return dest
+
+
+@pytest.mark.slow
+def test_patched_tensorflow_op_of_a_gpu_build_leaves_no_removed_xla_symbol(tmp_path):
+    import tarfile
+    import zipfile
+    tf = pytest.importorskip("tensorflow")
+    if shutil.which("g++") is None or shutil.which("nm") is None:
+        pytest.skip("g++/nm not installed")
+    dest = download(tmp_path, "horovod==0.28.1", binary=False)
+    with tarfile.open(dest / "horovod-0.28.1.tar.gz") as sdist:
+        sdist.extractall(tmp_path, filter="data")
+    src = tmp_path / "horovod-0.28.1"
+    subprocess.run(["bash", str(REPO / "launchers" / "patch_horovod.sh"), str(src)], check=True,
+                   capture_output=True, timeout=120)
+    for wheel in download(tmp_path, "nvidia-cuda-runtime==13.0.*", "nvidia-cuda-crt==13.0.*").glob("nvidia_cuda_*.whl"):
+        with zipfile.ZipFile(wheel) as whl:
+            whl.extractall(tmp_path / "cuda")
+    major, minor, patch = (int(x) for x in tf.__version__.split("+")[0].split(".")[:3])
+    third = src / "third_party"
+    includes = [src, third / "gloo", third / "eigen", third / "flatbuffers" / "include",
+                third / "lbfgs" / "include", third / "HTTPRequest" / "include",
+                *sorted((third / "boost").glob("*/include")), tmp_path / "cuda" / "nvidia" / "cu13" / "include"]
+    mpi = subprocess.run(["mpicxx", "--showme:incdirs"], capture_output=True, text=True)
+    includes += mpi.stdout.split() if mpi.returncode == 0 else []
+    obj = tmp_path / "mpi_ops.o"
+    proc = subprocess.run(
+        ["g++", "-c", "-O0", "-g0", "-w", *tf.sysconfig.get_compile_flags(), "-DEIGEN_MPL2_ONLY=1",
+         "-DHAVE_GPU=1", "-DHAVE_CUDA=1", "-DHAVE_NCCL=1", "-DHAVE_GLOO=1", "-DHAVE_MPI=1",
+         f"-DTENSORFLOW_VERSION={major * 10**9 + minor * 10**6 + patch * 10**3}", *(f"-I{d}" for d in includes),
+         "-o", str(obj), str(src / "horovod" / "tensorflow" / "mpi_ops.cc")],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    undefined = subprocess.run(["nm", "-C", "-u", str(obj)], capture_output=True, text=True).stdout
+    assert "AsGpuStreamValue" not in undefined, "the op calls an XLA function TF no longer has"

@@ -11,6 +11,7 @@ dataset-fashion-mnist). HVDSCALE_TEST_IMAGE=TAG tests an image that is already b
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -44,7 +45,24 @@ def image(tmp_path_factory):
     text = log.read_text()
     assert proc.returncode == 0, f"image build failed ({log}):\n{text[-6000:]}"
     assert f"build-cpu.sh: built {tag}" in text
+    assert_host_wheel_reused(text)
     return tag
+
+
+def assert_host_wheel_reused(text):
+    """Where the install ran in this build and the host's own Horovod wheel (same key: Python
+    3.11, Debian 12's OpenMPI, same pins and patches) was offered, the image took it."""
+    offered = re.search(r"host Horovod wheels offered: (.*)", text)
+    if offered is None or "horovod wheel (horovod==" not in text:
+        return          # not offered (another distro), or the install layer came from cache
+    key = subprocess.run(["bash", "launchers/install.sh", "--print-wheel-key"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    host_py = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
+                              "import sys; print(sys.version_info[:2] == (3, 11))"],
+                             capture_output=True, text=True).stdout.strip()
+    if host_py == "True" and f"{key}/" in offered.group(1).split():
+        assert f"cached wheel: /root/.cache/hvdscale/{key}" in text, \
+            f"the image compiled Horovod although the host's wheel {key} was offered"
 
 
 def test_doctor_in_the_image(image):

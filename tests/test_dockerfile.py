@@ -271,3 +271,119 @@ def test_every_file_the_install_reads_is_copied_before_it_runs(tmp_path):
     proc = subprocess.run(["bash", "launchers/install.sh", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU image reuses the host's Horovod wheel: the same cache key in both installs, the host
+# cache offered read-only to the build on a host of the image's Debian release, and CI fails
+# when the image tests do not all run.
+
+def wheel_key(*args):
+    proc = subprocess.run(["bash", "launchers/install.sh", "--print-wheel-key", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"horovod-0\.28\.1-[0-9a-f]{16}", proc.stdout.strip()), proc.stdout
+    return proc.stdout.strip()
+
+
+def test_cpu_wheel_key_ignores_the_cuda_architectures_the_image_passes():
+    # the Dockerfile runs install.sh with --cuda-arch in the CPU image too
+    assert '--cuda-arch "${CUDA_ARCH}"' in DOCKERFILE.read_text()
+    assert wheel_key() == wheel_key("--cuda-arch", "80;90") == wheel_key("--cuda-arch", "75")
+    # where the architectures are compiled in, they stay in the key
+    assert wheel_key("--gpu", "--cuda-arch", "80;90") != wheel_key("--gpu", "--cuda-arch", "90")
+    assert wheel_key("--gpu", "--cuda-arch", "80;90") != wheel_key()
+
+
+def run_build_cpu(tmp_path, os_release, **env):
+    """build-cpu.sh with a recording podman; returns (exit, stdout, the -v mounts)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    record = tmp_path / "podman.argv"
+    (fake / "podman").write_text(
+        "#!/bin/bash\n"
+        '[ "$1 $2" = "image exists" ] && exit 0\n'
+        f"printf '%s\\n' \"$@\" > {record}\n"
+        'prev=""; for a in "$@"; do [ "$prev" = --iidfile ] && echo sha256:0123456789abcdef > "$a"; prev=$a; done\n')
+    (fake / "podman").chmod(0o755)
+    (tmp_path / "os-release").write_text(os_release)
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "container" / "build-cpu.sh")],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path),
+                               "HVDSCALE_OS_RELEASE": str(tmp_path / "os-release"), **env})
+    argv = record.read_text().splitlines() if record.exists() else []
+    return proc.returncode, proc.stdout, [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+
+
+BOOKWORM = 'ID=debian\nVERSION_CODENAME=bookworm\n'
+
+
+def test_build_offers_the_host_wheel_cache_read_only_on_the_same_debian(tmp_path):
+    cache = tmp_path / ".cache" / "hvdscale" / "horovod-0.28.1-0123456789abcdef"
+    cache.mkdir(parents=True)
+    (cache / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl").write_bytes(b"wheel")
+    rc, out, mounts = run_build_cpu(tmp_path, BOOKWORM)
+    assert rc == 0, out
+    assert f"{cache.parent}:/opt/host-wheels:ro" in mounts
+    assert "host Horovod wheels offered: horovod-0.28.1-0123456789abcdef/" in out
+    # another distro (other glibc, compiler, OpenMPI): compiled inside instead
+    rc, out, mounts = run_build_cpu(tmp_path, 'ID=ubuntu\nVERSION_CODENAME=noble\n')
+    assert rc == 0 and not any("/opt/host-wheels" in m for m in mounts)
+    assert "not offered (host is 'ubuntu-noble', the image debian-bookworm)" in out
+    # switched off, or pointed elsewhere
+    rc, out, mounts = run_build_cpu(tmp_path, BOOKWORM, HVDSCALE_HOST_WHEELS="")
+    assert rc == 0 and not any("/opt/host-wheels" in m for m in mounts)
+    rc, out, mounts = run_build_cpu(tmp_path, BOOKWORM, HVDSCALE_HOST_WHEELS=str(tmp_path / "none"))
+    assert rc == 0 and not any("/opt/host-wheels" in m for m in mounts) and "none in" in out
+
+
+def test_the_image_install_is_seeded_with_matching_host_wheels_only(tmp_path):
+    """The builder's RUN line, run by bash with its two folders moved under tmp_path."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    run = next(ln for ln in text.splitlines() if ln.startswith("RUN") and "launchers/install.sh" in ln)
+    seed = re.search(r"(for seed in .*?done)", run).group(1)
+    host, cache = tmp_path / "host-wheels", tmp_path / "cache"
+    for name in ("horovod-0.28.1-0123456789abcdef", "horovod-0.28.1-fedcba9876543210",
+                 "horovod-0.28.1-0123456789abcdef.tmp"):     # .tmp: a build in progress
+        (host / name).mkdir(parents=True)
+        (host / name / "horovod.whl").write_text("host")
+    (cache / "horovod-0.28.1-fedcba9876543210").mkdir(parents=True)
+    (cache / "horovod-0.28.1-fedcba9876543210" / "horovod.whl").write_text("image's own")
+    script = seed.replace("/opt/host-wheels", str(host)).replace("/root/.cache/hvdscale", str(cache))
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["horovod-0.28.1-0123456789abcdef",
+                                                       "horovod-0.28.1-fedcba9876543210"]
+    assert (cache / "horovod-0.28.1-0123456789abcdef" / "horovod.whl").read_text() == "host"
+    assert (cache / "horovod-0.28.1-fedcba9876543210" / "horovod.whl").read_text() == "image's own"
+    # without the mount: nothing, and no error
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    proc = subprocess.run(["bash", "-c", seed.replace("/opt/host-wheels", str(tmp_path / "absent"))
+                           .replace("/root/.cache/hvdscale", str(empty))],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("body, want_rc, message", [
+    ("import pytest\n\n@pytest.mark.image\ndef test_ok():\n    pass\n", 0, ""),
+    ("import pytest\n\n@pytest.mark.image\ndef test_skips():\n    pytest.skip('no podman')\n", 1,
+     "did not all run and pass (1 tests, 1 skipped"),
+    ("def test_not_marked():\n    pass\n", 5, "collected no image tests"),
+    ("import pytest\n\n@pytest.mark.image\ndef test_fails():\n    assert False\n", 1, ""),
+])
+def test_ci_image_fails_unless_the_image_tests_ran_and_passed(tmp_path, body, want_rc, message):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("podman", "runc", "debootstrap"):     # present: nothing is installed
+        (fake / tool).write_text("#!/bin/sh\nexit 0\n")
+        (fake / tool).chmod(0o755)
+    tests = tmp_path / "test_image_stand_in.py"
+    tests.write_text(body)
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "container" / "ci-image.sh")],
+                          capture_output=True, text=True, timeout=300,
+                          env={"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path),
+                               "HVDSCALE_IMAGE_TESTS": str(tests)})
+    assert proc.returncode == want_rc, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert f"(exit {want_rc})" in proc.stdout

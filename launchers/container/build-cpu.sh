@@ -7,6 +7,13 @@
 # The host's pip configuration (/etc/pip.conf) and every local wheel directory or file://
 # index it names are bind-mounted read-only into the build steps, so the image installs from
 # the same package sources as the host; the site settings live in podman-settings.sh.
+#
+# The host's Horovod wheel cache (HVDSCALE_HOST_WHEELS, default HVDSCALE_CACHE or
+# ~/.cache/hvdscale, where launchers/install.sh keeps its wheels) is mounted read-only at
+# /opt/host-wheels when the host runs the base image's Debian release (same glibc, compiler
+# and OpenMPI): install.sh inside the image then takes the wheel whose key matches (same
+# Horovod/torch/TF/Python/MPI versions and patches) instead of compiling Horovod again.
+# HVDSCALE_HOST_WHEELS= (empty) turns this off.
 set -Eeuo pipefail
 # All in one function, read whole before it runs: editing this file during a build (which
 # takes long) cannot change what the running build does next.
@@ -15,6 +22,7 @@ main() {
     ROOT=$(cd "$HERE/../.." && pwd)
     TAG="${1:-localhost/hvdscale:cpu}"
     BASE="${HVDSCALE_BASE_IMAGE:-localhost/hvdscale-base:bookworm}"
+    SUITE=bookworm      # base-image.sh's Debian release
     # shellcheck source=/dev/null
     . "$HERE/podman-settings.sh"
 
@@ -42,6 +50,20 @@ main() {
             case "$path" in /etc/ssl/*) continue ;; esac
             [ -e "$path" ] && VOLUMES+=(-v "$path:$path:ro")
         done < <(grep -Eo '(file://)?/[^ ]+' "$PIP_CONF" | sed 's|^file://||; s|/$||' | sort -u)
+    fi
+
+    HOST_WHEELS="${HVDSCALE_HOST_WHEELS-${HVDSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdscale}}"
+    # shellcheck source=/dev/null
+    HOST_OS=$( (. "${HVDSCALE_OS_RELEASE:-/etc/os-release}" && echo "${ID:-}-${VERSION_CODENAME:-}") 2>/dev/null || true)
+    if [ -z "$HOST_WHEELS" ]; then
+        echo "build-cpu.sh: host Horovod wheels: not offered (HVDSCALE_HOST_WHEELS is empty)"
+    elif [ "$HOST_OS" != "debian-$SUITE" ]; then
+        echo "build-cpu.sh: host Horovod wheels: not offered (host is '$HOST_OS', the image debian-$SUITE)"
+    elif ! compgen -G "$HOST_WHEELS/horovod-*/horovod-*.whl" >/dev/null; then
+        echo "build-cpu.sh: host Horovod wheels: none in $HOST_WHEELS"
+    else
+        VOLUMES+=(-v "$HOST_WHEELS:/opt/host-wheels:ro")
+        echo "build-cpu.sh: host Horovod wheels offered: $(cd "$HOST_WHEELS" && echo horovod-*/)"
     fi
 
     # --format docker: the Dockerfile's SHELL (bash -o pipefail) is ignored in the OCI format.
