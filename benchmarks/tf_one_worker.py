@@ -93,13 +93,8 @@ def run_arm(tree, side, args, horovodrun):
 
 
 def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from hvdscale.hardware import cpu_model as model
+    return model() or platform.processor() or "unknown"
 
 
 def main():
