@@ -28,7 +28,8 @@ configuration; ratios are ours / peer of the medians, and the per-round ratios (
 peer run back to back) are shown with their spread. Load average is recorded at start/end.
 
     .venv/bin/python benchmarks/scaling.py [--repeats 5] [--steps 60] [--skip-tf]
-        [--variant NAME:KEY=VAL,KEY=VAL ...]   extra Horovod/OMP environment (or recipe
+        [--variant NAME:KEY=VAL,KEY=VAL ...]   extra Horovod/OMP environment (PYTHONPATH=TREE:
+                                               ours from another source tree), or recipe
                                                settings, e.g. horovod.groups=0) for ours,
                                                compared side by side in the same run
 
@@ -303,7 +304,13 @@ def launch(conf, args):
         cmd = me
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # a variant's PYTHONPATH goes first: ours from another source tree (a before/after A/B
+    # in one run: --variant before:PYTHONPATH=/tmp/old-tree)
+    extra = dict(extra)
+    if "PYTHONPATH" in extra:
+        env["PYTHONPATH"] = extra.pop("PYTHONPATH") + os.pathsep + env["PYTHONPATH"]
+    env.update(extra)
     for attempt in (1, 2):   # a launcher that dies at start-up or teardown gets one retry
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode == 0 and out.is_file():
