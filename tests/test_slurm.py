@@ -421,7 +421,9 @@ def test_template_requeues_a_real_preempted_job_and_the_restart_resumes(cluster,
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert took < 60
     marker = json.loads((out / "preempted.json").read_text())
-    assert 8 < marker["step"] < 24 and marker["exit_code"] == 75
+    # a signal that lands while the step-8 checkpoint is being written makes that checkpoint
+    # the preemption one (docs/reliability.md): step 8 is a correct stop too
+    assert 8 <= marker["step"] < 24 and marker["exit_code"] == 75
     assert marker["checkpoint"] == f"step-{marker['step']:08d}"
     assert cluster.scontrol_calls.read_text().split() == ["requeue", "77"]
     assert "requeueing job 77" in stderr
